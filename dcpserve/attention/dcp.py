@@ -1,0 +1,77 @@
+"""Decode context parallelism around any attention backend (DESIGN section 2).
+
+Decode: all-gather the queries of the DCP group (H*d heads), attend over the tokens this rank owns,
+merge the partials by LSE (`ag_rs`: all-gather LSE + reduce-scatter outputs; `a2a`: one all-to-all of
+outputs with the LSE packed in) and keep this rank's own H heads.
+Prefill: gather the cached prefix's rows from the group (ranks hold unequal counts: pad, then restore
+global order) and compute this rank's own heads over the whole context, as plain TP does: no merge.
+"""
+from __future__ import annotations
+
+import torch
+
+from dcpserve.attention.merge import merge_partials, merge_weights
+from dcpserve.distributed.comm import dcp_all_gather, dcp_all_to_all, dcp_reduce_scatter
+from dcpserve.distributed.parallel import ParallelState
+from dcpserve.kv.layout import SlotLayout
+
+
+def gather_heads(ps: ParallelState, q: torch.Tensor) -> torch.Tensor:
+    """[B, H, D] -> [B, d*H, D], heads in DCP-rank order (rank r's heads at chunk r)."""
+    if ps.dcp_size == 1:
+        return q
+    g = dcp_all_gather(ps, q)  # [d, B, H, D]
+    return g.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[2])
+
+
+def merge_a2a(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """out [B, d*H, V] fp32, lse [B, d*H] -> own heads' merged out [B, H, V]. One collective."""
+    d = ps.dcp_size
+    if d == 1:
+        return out
+    b, dh, v = out.shape
+    pack = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1).view(b, d, dh // d, v + 1).transpose(0, 1)
+    recv = dcp_all_to_all(ps, pack)  # [d (source rank), B, H, V+1]
+    merged, _ = merge_partials(recv[..., :v], recv[..., v])
+    return merged
+
+
+def merge_ag_rs(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Same result as merge_a2a with two collectives: all-gather LSE, rescale locally, reduce-scatter."""
+    d = ps.dcp_size
+    if d == 1:
+        return out
+    b, dh, v = out.shape
+    weights, _ = merge_weights(dcp_all_gather(ps, lse.float()), dim=0)  # [d, B, d*H]
+    scaled = out.float() * weights[ps.dcp_rank].unsqueeze(-1)
+    return dcp_reduce_scatter(ps, scaled.view(b, d, dh // d, v).transpose(0, 1))
+
+
+def merge(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor, comm: str) -> torch.Tensor:
+    return merge_a2a(ps, out, lse) if comm == "a2a" else merge_ag_rs(ps, out, lse)
+
+
+def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int], local: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank holds, per sequence i, the rows of its owned positions < starts[i] (ascending). Returns,
+    per sequence, all `starts[i]` rows in global position order. Rows may be raw storage bytes."""
+    if ps.dcp_size == 1:
+        return local
+    d = ps.dcp_size
+    counts = [[layout.local_count(s, o) for s in starts] for o in range(d)]
+    totals = [sum(c) for c in counts]
+    width = local[0].shape[1:] if local else ()
+    ref = local[0]
+    buf = torch.zeros((max(max(totals), 1),) + tuple(width), dtype=ref.dtype, device=ref.device)
+    mine = torch.cat(local) if local else buf[:0]
+    buf[: mine.shape[0]] = mine
+    allbuf = dcp_all_gather(ps, buf)  # [d, maxT, ...]
+    out = []
+    offsets = [0] * d
+    for i, s in enumerate(starts):
+        full = torch.empty((s,) + tuple(width), dtype=ref.dtype, device=ref.device)
+        for o in range(d):
+            c = counts[o][i]
+            full[layout.local_positions(s, o).to(ref.device)] = allbuf[o, offsets[o] : offsets[o] + c]
+            offsets[o] += c
+        out.append(full)
+    return out

@@ -1,0 +1,36 @@
+"""Deterministic top-k for the DSA indexer, and its exact distributed form (DESIGN section 2, step 6).
+
+Order: higher score first, then lower global position. Under this total order the top-k set is unique, so
+every DCP size selects the same tokens. Distributed: each rank takes its local top-k under the same order;
+every member of the global top-k is in its owner's local top-k, so the top-k of the union of the local
+candidates is the global top-k.
+"""
+from __future__ import annotations
+
+import torch
+
+# Positions travel as int64 beside the scores; padding candidates carry this position and a -inf score.
+PAD_POS = torch.iinfo(torch.int64).max
+
+
+def ordered_topk(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`k` along the last dim by (score desc, position asc). Returns (scores, positions), sorted.
+
+    scores: [..., n] (invalid entries -inf), positions: [..., n] int64. `k` may exceed n (result padded
+    with -inf / PAD_POS)."""
+    n = scores.shape[-1]
+    if k > n:
+        pad = k - n
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        positions = torch.nn.functional.pad(positions, (0, pad), value=PAD_POS)
+    # Two stable sorts: by position, then by score; equal scores keep ascending position order.
+    pos_order = torch.sort(positions, dim=-1, stable=True).indices
+    s1 = torch.gather(scores, -1, pos_order)
+    p1 = torch.gather(positions, -1, pos_order)
+    score_order = torch.sort(s1, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.gather(s1, -1, score_order), torch.gather(p1, -1, score_order)
+
+
+def select_count(context_len: torch.Tensor, k: int) -> torch.Tensor:
+    """How many tokens a query selects: min(k, causal context length)."""
+    return torch.clamp(context_len, max=k)

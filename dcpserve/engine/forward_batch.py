@@ -1,0 +1,94 @@
+"""The per-step plan (what the scheduler sends to every rank) and the per-rank metadata built from it once
+per step. Layers read layout facts from here; they never recompute slot math themselves."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dcpserve.kv.layout import SlotLayout
+
+
+@dataclass
+class SeqPlan:
+    block_table: list[int]  # global page ids
+    start: int  # tokens already in the cache (cached prefix) before this step
+    num_new: int  # tokens computed this step
+
+    @property
+    def ctx_len(self) -> int:
+        return self.start + self.num_new
+
+
+@dataclass
+class StepPlan:
+    """Identical on every rank. `is_decode`: every sequence adds one token and attention takes the DCP
+    merge path; otherwise the prefill path (gather the cached prefix, own heads, no merge)."""
+
+    seqs: list[SeqPlan]
+    input_ids: list[int]
+    is_decode: bool
+    kind: str = "forward"  # "forward" or "shutdown"
+
+
+@dataclass
+class ForwardBatch:
+    is_decode: bool
+    seqs: list[SeqPlan]
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] global positions
+    write_rows: torch.Tensor  # [T] local latent rows; the dummy row for tokens owned elsewhere
+    index_write_rows: torch.Tensor  # [T] rows of the indexer cache (global slots when it is replicated)
+    cu_new: list[int]  # token offsets of each sequence in the flat batch
+    block_tables: list[torch.Tensor]
+    # Rows this rank owns of each sequence's attended range (decode: the whole context incl. the new
+    # token; prefill: the cached prefix), ascending by position, and those positions.
+    own_rows: list[torch.Tensor]
+    own_pos: list[torch.Tensor]
+    last_idx: torch.Tensor  # [B] index of each sequence's last token in the flat batch
+    dcp_rank: int = 0
+    layout: SlotLayout = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    def seq_tokens(self, i: int) -> slice:
+        return slice(self.cu_new[i], self.cu_new[i + 1])
+
+
+def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy_row: int, index_dummy_row: int,
+                        indexer_replicated: bool, device: torch.device) -> ForwardBatch:
+    positions, write_rows, index_rows, cu = [], [], [], [0]
+    block_tables, own_rows, own_pos = [], [], []
+    for s in plan.seqs:
+        bt = torch.tensor(s.block_table, dtype=torch.long)
+        pos = torch.arange(s.start, s.ctx_len, dtype=torch.long)
+        slots = layout.slots_of(bt, pos)
+        owned = layout.owner(slots) == dcp_rank
+        rows = torch.where(owned, layout.local_row(slots), torch.full_like(slots, dummy_row))
+        positions.append(pos)
+        write_rows.append(rows)
+        index_rows.append(slots if indexer_replicated else torch.where(owned, rows, torch.full_like(rows, index_dummy_row)))
+        limit = s.ctx_len if plan.is_decode else s.start
+        opos = layout.local_positions(limit, dcp_rank)
+        own_pos.append(opos.to(device))
+        own_rows.append(layout.local_rows_of_positions(bt, opos).to(device))
+        block_tables.append(bt.to(device))
+        cu.append(cu[-1] + s.num_new)
+    cat = lambda xs: torch.cat(xs).to(device) if xs else torch.empty(0, dtype=torch.long, device=device)  # noqa: E731
+    return ForwardBatch(
+        is_decode=plan.is_decode,
+        seqs=plan.seqs,
+        input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=device),
+        positions=cat(positions),
+        write_rows=cat(write_rows),
+        index_write_rows=cat(index_rows),
+        cu_new=cu,
+        block_tables=block_tables,
+        own_rows=own_rows,
+        own_pos=own_pos,
+        last_idx=torch.tensor([c - 1 for c in cu[1:]], dtype=torch.long, device=device),
+        dcp_rank=dcp_rank,
+        layout=layout,
+    )

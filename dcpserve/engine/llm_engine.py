@@ -1,0 +1,161 @@
+"""The driver: owns the scheduler and the rank processes, turns requests into steps and steps into tokens.
+The HTTP server and the offline `LLM` both drive this class."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dcpserve.config import ConfigError, EngineArgs, ModelConfig
+from dcpserve.distributed.launcher import RankGroup
+from dcpserve.engine.sampler import SamplingParams
+from dcpserve.engine.scheduler import Scheduler, Sequence, Status
+from dcpserve.engine.worker import StepRequest
+from dcpserve.kv.allocator import PageAllocator
+from dcpserve.kv.layout import SlotLayout
+
+log = logging.getLogger("dcpserve")
+
+
+@dataclass
+class StepOutput:
+    req_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    last_batch: int = 0
+    history: list[tuple[float, int]] = field(default_factory=list)
+
+
+def load_model_config(args: EngineArgs) -> ModelConfig:
+    if args.model_path is None:
+        from dcpserve.loader.tiny import default_model_path
+
+        args.model_path = default_model_path()
+    cfg = ModelConfig.from_pretrained(args.model_path)
+    if args.num_layers is not None:
+        cfg.num_hidden_layers = args.num_layers
+        cfg.first_k_dense_replace = min(cfg.first_k_dense_replace, args.num_layers)
+    return cfg
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, record_logits: bool = False):
+        args.validate()
+        self.args = args
+        self.cfg = load_model_config(args)
+        args.validate(self.cfg)
+        self.record_logits = record_logits
+        self.ranks = RankGroup(args, self.cfg)
+        info = self.ranks.info
+        if info.num_pages < 1:
+            self.ranks.close()
+            raise ConfigError("no room for even one KV page: raise --kv-mem-gb / --mem-fraction-static or lower --page-size")
+        self.layout = SlotLayout(args.page_size, args.dcp, args.dcp_interleave)
+        self.allocator = PageAllocator(info.num_pages, self.layout.global_page_slots, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.allocator, args.max_running_requests, args.chunked_prefill_size)
+        self.capacity_tokens = info.tokens
+        self.context_length = args.context_length or self.cfg.max_position_embeddings
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self._forget: list[str] = []
+        log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights loaded in %.1f s on %s",
+                 args.tp, args.dcp, info.num_pages, info.tokens, info.load_s, info.device)
+
+    # -- requests ------------------------------------------------------------------------------------
+    def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if req_id in self.seqs:
+            raise ValueError(f"duplicate request id {req_id!r}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range [0, {self.cfg.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.context_length:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context length {self.context_length}")
+        if total > self.capacity_tokens:
+            raise ValueError(f"prompt + max_tokens ({total}) exceeds the KV capacity of {self.capacity_tokens} tokens")
+        seq = Sequence(req_id, list(prompt_ids), params, arrival=time.time())
+        self.seqs[req_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, req_id: str) -> None:
+        seq = self.seqs.pop(req_id, None)
+        if seq is not None and seq.status != Status.FINISHED:
+            self.scheduler.finish(seq, "abort")
+            self._forget.append(req_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        req = StepRequest(step.plan, step.samples, want_logits=self.record_logits, forget=tuple(self._forget))
+        self._forget = []
+        _, tokens, logits = self.ranks.run(req)
+        self.scheduler.complete(step, tokens)
+        self._account(step)
+        outs = []
+        for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
+            if tok is None or seq.status == Status.FINISHED:
+                continue
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self.seqs.pop(seq.req_id, None)
+                self._forget.append(seq.req_id)
+            outs.append(StepOutput(seq.req_id, [tok], reason is not None, reason,
+                                   logits[i] if logits is not None else None))
+        return outs
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and tok in self.cfg.eos_token_ids:
+            return "stop"
+        if tok in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.context_length:
+            return "length"
+        return None
+
+    def _account(self, step) -> None:
+        s = self.stats
+        s.steps += 1
+        n = sum(p.num_new for p in step.plan.seqs)
+        if step.plan.is_decode:
+            s.decode_tokens += n
+        else:
+            s.prefill_tokens += n
+        s.last_batch = len(step.seqs)
+        s.preemptions = sum(q.num_preemptions for q in self.seqs.values())
+
+    def kv_usage(self) -> float:
+        return self.allocator.num_used / max(self.allocator.num_pages, 1)
+
+    def shutdown(self) -> None:
+        self.ranks.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,195 @@
+"""Continuous-batching scheduler (FCFS) with chunked prefill, prefix caching and preemption by recompute.
+
+Each step is either a prefill step (chunks of waiting prompts, up to `chunked_prefill_size` tokens) or a
+decode step (one token for every running sequence). When the pool runs dry during decode, the most recently
+admitted sequence is preempted: its pages are released and it re-enters the queue front, to be recomputed
+from its prompt plus the tokens it already produced. Nothing ever fails for lack of KV unless a single
+request can never fit.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from dcpserve.engine.forward_batch import SeqPlan, StepPlan
+from dcpserve.engine.sampler import SampleSpec, SamplingParams
+from dcpserve.kv.allocator import PageAllocator
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    req_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    page_hashes: list[int] = field(default_factory=list)  # hashes of the leading full pages registered so far
+    num_computed: int = 0  # tokens whose KV is in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    cached_tokens: int = 0  # prefix-cache hit on first admission
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def sample_spec(self) -> SampleSpec:
+        p = self.params
+        return SampleSpec(self.req_id, p.temperature, p.top_p, p.top_k, p.seed, len(self.output_ids))
+
+
+@dataclass
+class ScheduledStep:
+    plan: StepPlan
+    seqs: list[Sequence]
+    samples: list[SampleSpec | None]
+
+
+class Scheduler:
+    def __init__(self, allocator: PageAllocator, max_running: int, chunk_tokens: int):
+        self.alloc = allocator
+        self.max_running = max_running
+        self.chunk_tokens = chunk_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # -- admission -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.alloc.page_tokens)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep | None:
+        step = self._schedule_prefill() or self._schedule_decode()
+        if step is None and self.waiting:
+            # Nothing running and the queue head cannot get pages: partly prefilled sequences behind it hold
+            # them. Send those back to the start so the head can proceed (they are recomputed later).
+            for seq in list(self.waiting)[1:]:
+                if seq.block_table:
+                    self.alloc.release(seq.block_table)
+                    seq.block_table, seq.page_hashes, seq.num_computed = [], [], 0
+            step = self._schedule_prefill()
+        return step
+
+    def _schedule_prefill(self) -> ScheduledStep | None:
+        budget = self.chunk_tokens
+        chosen: list[tuple[Sequence, int]] = []
+        admitted = 0
+        for seq in list(self.waiting):
+            if budget <= 0:
+                break
+            if seq not in self.running and len(self.running) + admitted >= self.max_running:
+                break
+            if seq.num_computed == 0 and not seq.block_table:
+                self._match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self.pages_for(seq.num_computed + n) - len(seq.block_table)
+            if not self.alloc.can_allocate(need):
+                break  # FCFS: later requests wait behind this one
+            seq.block_table += self.alloc.allocate(need)
+            chosen.append((seq, n))
+            budget -= n
+            admitted += 1
+        if not chosen:
+            return None
+        seqs, plans, ids, samples = [], [], [], []
+        for seq, n in chosen:
+            plans.append(SeqPlan(list(seq.block_table), seq.num_computed, n))
+            ids += seq.tokens[seq.num_computed : seq.num_computed + n]
+            done = seq.num_computed + n == seq.num_tokens
+            samples.append(seq.sample_spec() if done else None)
+            seqs.append(seq)
+        return ScheduledStep(StepPlan(plans, ids, is_decode=False), seqs, samples)
+
+    def _schedule_decode(self) -> ScheduledStep | None:
+        if not self.running:
+            return None
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue
+            need = self.pages_for(seq.num_tokens) - len(seq.block_table)
+            while need > 0 and not self.alloc.can_allocate(need):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running and need > 0:
+                seq.block_table += self.alloc.allocate(need)
+        if not self.running:
+            return None
+        plans = [SeqPlan(list(s.block_table), s.num_tokens - 1, 1) for s in self.running]
+        ids = [s.tokens[-1] for s in self.running]
+        return ScheduledStep(StepPlan(plans, ids, is_decode=True), list(self.running),
+                             [s.sample_spec() for s in self.running])
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+    def _match_prefix(self, seq: Sequence) -> None:
+        # Never reuse the page holding the last token: it must be computed to produce logits, and writing
+        # into a shared page would change another sequence's cache.
+        pages, hashes = self.alloc.match_prefix(seq.tokens, seq.num_tokens - 1)
+        seq.block_table = pages
+        seq.page_hashes = hashes
+        seq.num_computed = len(pages) * self.alloc.page_tokens
+        if seq.num_preemptions == 0:
+            seq.cached_tokens = seq.num_computed
+            self.alloc.record_query(seq.num_tokens, seq.num_computed)
+
+    def complete(self, step: ScheduledStep, tokens: list[int | None]) -> None:
+        """Account a finished forward: advance computed counts, admit prefilled sequences, append tokens."""
+        for seq, sp, tok in zip(step.seqs, step.plan.seqs, tokens):
+            if seq.status == Status.FINISHED:
+                continue
+            seq.num_computed = sp.ctx_len
+            self._register_full_pages(seq)
+            if not step.plan.is_decode and seq.num_computed == seq.num_tokens and seq.status == Status.WAITING:
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+            if tok is not None:
+                seq.output_ids.append(tok)
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        n = self.alloc.page_tokens
+        full = seq.num_computed // n
+        toks = seq.tokens
+        while len(seq.page_hashes) < full:
+            i = len(seq.page_hashes)
+            prev = seq.page_hashes[-1] if seq.page_hashes else None
+            seq.page_hashes.append(self.alloc.register(seq.block_table[i], prev, tuple(toks[i * n : (i + 1) * n])))
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.alloc.release(seq.block_table)
+        seq.block_table = []
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.alloc.release(seq.block_table)
+        seq.block_table, seq.page_hashes = [], []
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,154 @@
+"""One rank: a process that owns a model shard and a KV pool, and runs the step plans the driver sends.
+
+Control travels over a multiprocessing pipe per rank (the driver never joins torch.distributed); tensors
+travel over torch.distributed (gloo on CPU, NCCL on CUDA). Rank 0 samples and returns the tokens.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from dcpserve.attention.backend import get_backend
+from dcpserve.config import EngineArgs, ModelConfig
+from dcpserve.distributed.parallel import ParallelState, destroy_parallel, init_parallel
+from dcpserve.engine.forward_batch import StepPlan, build_forward_batch
+from dcpserve.engine.sampler import SampleSpec, Sampler
+from dcpserve.kv.layout import SlotLayout
+from dcpserve.kv.pool import KVPool, plan_kv
+from dcpserve.loader.reader import DummyReader, SafetensorsReader
+from dcpserve.model.deepseek import DeepseekForCausalLM
+from dcpserve.model.mla import AttnRuntime
+from dcpserve.model.rope import RotaryEmbedding
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class WorkerInfo:
+    num_pages: int
+    tokens: int
+    load_s: float
+    device: str
+
+
+@dataclass
+class StepRequest:
+    plan: StepPlan
+    samples: list[SampleSpec | None]  # per sequence; None: no token wanted (a middle prefill chunk)
+    want_logits: bool = False
+    forget: tuple[str, ...] = ()  # finished requests whose generators rank 0 may drop
+
+
+def resolve_device(args: EngineArgs) -> str:
+    if args.device != "auto":
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtype:
+    if args.dtype != "auto":
+        return DTYPES[args.dtype]
+    if device == "cpu":
+        return torch.float32  # CPU matmuls in bf16 are slow and imprecise
+    return DTYPES.get(cfg.torch_dtype, torch.bfloat16) if cfg.torch_dtype != "float32" else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, ps: ParallelState):
+        self.args, self.cfg, self.ps = args, cfg, ps
+        dev = ps.device
+        self.dtype = resolve_dtype(args, cfg, dev.type)
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        with torch.device(dev):
+            self.model = DeepseekForCausalLM(cfg, ps)
+        reader = (DummyReader(self.dtype, dev, args.seed) if args.load_format == "dummy"
+                  else SafetensorsReader(args.model_path, self.dtype, dev, cfg.quant_block))
+        self.model.load(reader)
+        self.load_s = time.time() - t0
+        self.layout = SlotLayout(args.page_size, ps.dcp_size, args.dcp_interleave)
+        plan = plan_kv(cfg, self.layout, cfg.num_hidden_layers, args.kv_cache_dtype, self.dtype, args.dcp_indexer,
+                       self._kv_budget())
+        num_pages = self._agree_min(plan.num_pages)
+        self.pool = KVPool(cfg, self.layout, num_pages, cfg.num_hidden_layers, args.kv_cache_dtype, self.dtype,
+                           args.dcp_indexer, dev)
+        self.info = WorkerInfo(num_pages, num_pages * self.layout.global_page_slots, self.load_s, str(dev))
+        max_pos = max(cfg.max_position_embeddings, args.context_length or 0)
+        self.rt = AttnRuntime(self.pool, RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_pos, dev, self.dtype),
+                              get_backend(args.attention_backend), args.dcp_comm)
+        self.sampler = Sampler()
+
+    def _kv_budget(self) -> int:
+        if self.args.kv_mem_gb is not None:
+            return int(self.args.kv_mem_gb * 1e9)
+        if self.ps.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.ps.device)
+            used = total - free
+            return max(int(total * self.args.mem_fraction_static) - used, 0)
+        return int(0.5e9)
+
+    def _agree_min(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.ps.cpu_group)
+        return int(t.item())
+
+    def step(self, req: StepRequest) -> tuple[list[int | None], torch.Tensor | None]:
+        for rid in req.forget:
+            self.sampler.forget(rid)
+        fb = build_forward_batch(req.plan, self.layout, self.ps.dcp_rank, self.pool.dummy_row,
+                                 self.pool.index_dummy_row, self.pool.indexer_replicated, self.ps.device)
+        logits = self.model(fb, self.rt)
+        if self.ps.rank != 0:
+            return [], None
+        idx = [i for i, s in enumerate(req.samples) if s is not None]
+        tokens: list[int | None] = [None] * len(req.samples)
+        if idx:
+            sampled = self.sampler.sample(logits[idx], [req.samples[i] for i in idx])
+            for i, t in zip(idx, sampled):
+                tokens[i] = t
+        return tokens, (logits.cpu() if req.want_logits else None)
+
+
+def _die_with_parent() -> None:
+    # If the driver is killed outright, take this rank down too: no orphan processes.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def worker_main(rank: int, args: EngineArgs, cfg: ModelConfig, init_method: str, conn) -> None:
+    _die_with_parent()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
+    try:
+        device = resolve_device(args)
+        dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        ps = init_parallel(rank, args.tp, args.dcp, dev, init_method, args.dist_timeout_s)
+        runner = ModelRunner(args, cfg, ps)
+        conn.send(("ready", runner.info))
+        while True:
+            req = conn.recv()
+            if req is None:
+                break
+            tokens, logits = runner.step(req)
+            if rank == 0:
+                conn.send(("ok", tokens, logits))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except Exception as e:  # report, then exit: the driver tears the group down
+        msg = f"{type(e).__name__}: {e}"
+        try:
+            conn.send(("error", msg, traceback.format_exc()))
+        except Exception:
+            pass
+        os._exit(1)
+    destroy_parallel()
