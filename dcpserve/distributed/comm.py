@@ -32,8 +32,9 @@ def dcp_all_to_all(ps: ParallelState, x: torch.Tensor) -> torch.Tensor:
     """x[p] goes to DCP rank p; returns y with y[p] = what rank p sent here. x: [d, ...]."""
     if ps.dcp_size == 1:
         return x
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=ps.dcp_group)
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # not empty_like: x's strides may be permuted
+    dist.all_to_all_single(out, x, group=ps.dcp_group)
     return out
 
 

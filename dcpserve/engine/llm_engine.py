@@ -43,6 +43,10 @@ def load_model_config(args: EngineArgs) -> ModelConfig:
         from dcpserve.loader.tiny import default_model_path
 
         args.model_path = default_model_path()
+    elif args.model_path.startswith("builtin:"):
+        from dcpserve.loader.tiny import resolve_builtin
+
+        args.model_path = resolve_builtin(args.model_path)
     cfg = ModelConfig.from_pretrained(args.model_path)
     if args.num_layers is not None:
         cfg.num_hidden_layers = args.num_layers
@@ -146,7 +150,7 @@ class LLMEngine:
         else:
             s.prefill_tokens += n
         s.last_batch = len(step.seqs)
-        s.preemptions = sum(q.num_preemptions for q in self.seqs.values())
+        s.preemptions = self.scheduler.num_preemptions
 
     def kv_usage(self) -> float:
         return self.allocator.num_used / max(self.allocator.num_pages, 1)

@@ -65,6 +65,7 @@ class Scheduler:
         self.chunk_tokens = chunk_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     # -- admission -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -192,4 +193,5 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)

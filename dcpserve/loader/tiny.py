@@ -49,6 +49,45 @@ TINY_V32_CONFIG: dict = {
 }
 
 
+# The real DeepSeek-V3.2 architecture (config.json of the official checkpoint), for `--load-format dummy`
+# benchmarks and capacity planning: `--model-path builtin:deepseek-v3.2`.
+DEEPSEEK_V32_CONFIG: dict = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "first_k_dense_replace": 3, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+    "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16",
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128]},
+}
+BUILTIN_CONFIGS = {"deepseek-v3.2": DEEPSEEK_V32_CONFIG, "tiny-v3.2": TINY_V32_CONFIG}
+
+
+def cache_root() -> str:
+    return os.environ.get("DCPSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dcpserve"))
+
+
+def resolve_builtin(model_path: str) -> str:
+    """`builtin:NAME` -> a directory holding that architecture's config.json (for dummy weights)."""
+    name = model_path.split(":", 1)[1]
+    if name not in BUILTIN_CONFIGS:
+        from dcpserve.config import ConfigError
+
+        raise ConfigError(f"unknown builtin model {name!r}: choose from {', '.join(BUILTIN_CONFIGS)}")
+    path = os.path.join(cache_root(), "builtin-" + name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(BUILTIN_CONFIGS[name], f, indent=2)
+    return path
+
+
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a HF-format DeepSeek-V3/V3.2 checkpoint holds, with its shape."""
     h, s = cfg.hidden_size, {}
@@ -146,8 +185,7 @@ TINY_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
 
 def default_model_path() -> str:
     """The embedded default: made once from a fixed seed under ~/.cache/dcpserve (no download)."""
-    root = os.environ.get("DCPSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dcpserve"))
-    path = os.path.join(root, "tiny-v32-random-v1")
+    path = os.path.join(cache_root(), "tiny-v32-random-v1")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     tmp = path + f".tmp{os.getpid()}"

@@ -1,0 +1,15 @@
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def hf_refs(tmp_path_factory):
+    """Tiny V3.2, V3 and fp8-weight V3.2 checkpoints with transformers' greedy outputs (built once)."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import make_reference
+
+    root = str(tmp_path_factory.mktemp("hf"))
+    return {k: make_reference(k, root) for k in ("v32", "v3", "v32-fp8")}

@@ -1,0 +1,139 @@
+"""Tiny DeepSeek-V3 / V3.2 checkpoints built with HuggingFace transformers, and transformers' own greedy
+outputs on them: the independent reference the engine must match."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dcpserve.kv.formats import FP8, FP8_MAX
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+              num_attention_heads=8, num_key_value_heads=8, n_shared_experts=1, n_routed_experts=16,
+              routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16,
+              qk_nope_head_dim=16, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
+              max_position_embeddings=4096, rope_parameters=YARN, bos_token_id=0, eos_token_id=1)
+
+# Prompts of different lengths; the V3.2 model's index_topk (16) is below all but the shortest context, so
+# the indexer's selection matters.
+PROMPTS = [[(i * 37 + 11) % 250 + 2 for i in range(40)], [(i * 53 + 7) % 250 + 2 for i in range(23)], [5, 17, 42]]
+NEW_TOKENS = 32
+
+
+@dataclass
+class Reference:
+    path: str
+    outputs: list[list[int]]  # transformers' greedy tokens per prompt
+    logits: list[torch.Tensor]  # [NEW_TOKENS, vocab] per prompt
+    min_margin: float  # smallest top1-top2 logit gap seen: the test is meaningful only if this is not tiny
+
+
+def build_model(kind: str, seed: int = 0):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "v32":
+        model = DeepseekV32ForCausalLM(DeepseekV32Config(**COMMON, index_topk=16, index_head_dim=32, index_n_heads=16))
+    else:
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**COMMON))
+    with torch.no_grad():
+        # Larger-than-default weights: sharp logits, far from ties.
+        for name, p in model.named_parameters():
+            if "embed" in name:
+                p.normal_(0, 1)
+            elif p.dim() >= 2:
+                p.normal_(0, 2.0 * p.shape[-1] ** -0.5)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn_like(b))
+    return model.eval()
+
+
+def quantize_block_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek fp8 weights: e4m3 values, one fp32 `weight_scale_inv` per 128x128 block (ragged at edges)."""
+    o, i = w.shape
+    bo, bi = -(-o // block), -(-i // block)
+    padded = torch.nn.functional.pad(w.float(), (0, bi * block - i, 0, bo * block - o))
+    blocks = padded.view(bo, block, bi, block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-8) / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(bo * block, bi * block)[:o, :i]
+    return q.contiguous(), scale.float()
+
+
+def dequantize_block_fp8(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    o, i = q.shape
+    s = scale.repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
+    return q.float() * s
+
+
+def to_fp8_checkpoint(model, path: str) -> None:
+    """Rewrite a saved checkpoint with fp8 block-quantized linear weights, and load the dequantized weights back
+    into `model` so that it is the exact reference of the fp8 checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    out = {}
+    for name, t in sd.items():
+        quantize = (t.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and "lm_head" not in name
+                    and not name.endswith("mlp.gate.weight") and "weights_proj" not in name)
+        if quantize:
+            q, s = quantize_block_fp8(t)
+            out[name], out[name + "_scale_inv"] = q, s
+            sd[name] = dequantize_block_fp8(q, s)
+        else:
+            out[name] = t
+    save_file(out, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    # Reference = the dequantized weights, loaded by HF's own name mapping.
+    from transformers import AutoModelForCausalLM
+
+    deq_dir = path + "-dequant-ref"
+    model.save_pretrained(deq_dir)
+    ref_sd = load_file(os.path.join(deq_dir, "model.safetensors"))
+    ref_sd.update({k: v for k, v in sd.items() if k in ref_sd})
+    save_file(ref_sd, os.path.join(deq_dir, "model.safetensors"))
+    return AutoModelForCausalLM.from_pretrained(deq_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompts=PROMPTS, new_tokens: int = NEW_TOKENS) -> tuple[list[list[int]], list[torch.Tensor], float]:
+    outs, logits, margin = [], [], float("inf")
+    # Like the engine's ignore_eos: keep going past EOS without suppressing it (min_new_tokens would mask
+    # the EOS logit and change greedy choices).
+    model.generation_config.eos_token_id = None
+    for p in prompts:
+        ids = torch.tensor([p])
+        g = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        outs.append(g.sequences[0, len(p):].tolist())
+        lg = torch.stack([x[0].float() for x in g.logits])
+        top2 = lg.topk(2, dim=-1).values
+        margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
+        logits.append(lg)
+    return outs, logits, margin
+
+
+def make_reference(kind: str, root: str) -> Reference:
+    """kind: 'v32', 'v3' or 'v32-fp8'."""
+    base = kind.split("-")[0]
+    model = build_model(base)
+    path = os.path.join(root, kind)
+    model.save_pretrained(path)
+    if kind.endswith("fp8"):
+        model = to_fp8_checkpoint(model, path)
+    with torch.no_grad():
+        outs, logits, margin = hf_greedy(model)
+    return Reference(path, outs, logits, margin)
