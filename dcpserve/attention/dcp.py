@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dcpserve.attention.merge import merge_partials, merge_weights
+from dcpserve.attention.merge import merge_partials, merge_weights, weighted
 from dcpserve.distributed.comm import dcp_all_gather, dcp_all_to_all, dcp_reduce_scatter
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.kv.layout import SlotLayout
@@ -43,7 +43,7 @@ def merge_ag_rs(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor) -> torc
         return out
     b, dh, v = out.shape
     weights, _ = merge_weights(dcp_all_gather(ps, lse.float()), dim=0)  # [d, B, d*H]
-    scaled = out.float() * weights[ps.dcp_rank].unsqueeze(-1)
+    scaled = weighted(out, weights[ps.dcp_rank])
     return dcp_reduce_scatter(ps, scaled.view(b, d, dh // d, v).transpose(0, 1))
 
 

@@ -28,5 +28,10 @@ def merge_weights(lse: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """outs: [n, ..., D], lses: [n, ...] -> (out [..., D] fp32, lse [...]). Zero output where all are empty."""
     w, total = merge_weights(lses, dim=0)
-    out = (outs.float() * w.unsqueeze(-1)).sum(0)
-    return out, total
+    return weighted(outs, w).sum(0), total
+
+
+def weighted(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out * w[..., None], exactly 0 where w == 0: an empty partial's buffer may hold garbage (even NaN)."""
+    w = w.unsqueeze(-1)
+    return torch.where(w > 0, out.float() * w, torch.zeros((), dtype=torch.float32, device=out.device))

@@ -21,8 +21,10 @@ def ordered_topk(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple
     n = scores.shape[-1]
     if k > n:
         pad = k - n
-        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-        positions = torch.nn.functional.pad(positions, (0, pad), value=PAD_POS)
+        shape = scores.shape[:-1] + (pad,)
+        # torch.cat, not F.pad: F.pad routes the fill value through a float, turning PAD_POS into INT64_MIN.
+        scores = torch.cat([scores, scores.new_full(shape, float("-inf"))], dim=-1)
+        positions = torch.cat([positions, positions.new_full(shape, PAD_POS)], dim=-1)
     # Two stable sorts: by position, then by score; equal scores keep ascending position order.
     pos_order = torch.sort(positions, dim=-1, stable=True).indices
     s1 = torch.gather(scores, -1, pos_order)
