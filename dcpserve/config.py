@@ -214,6 +214,8 @@ class EngineArgs:
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     attention_backend: str = field(default="torch", metadata={"help": "torch or triton", "choices": ("torch", "triton")})
+    disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
+    cuda_graph_max_bs: int = field(default=128, metadata={"help": "largest decode batch captured in a graph"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "seed for dummy weights"})
     dist_timeout_s: int = field(default=120, metadata={"help": "collective/rendezvous timeout"})

@@ -105,8 +105,10 @@ def _check_gather_heads(ps, g) -> str | None:
 
 
 def _check_decode_select(ps, g, one_rank=False) -> str | None:
-    from dcpserve.attention.indexer import decode_select_sharded
-    from dcpserve.attention.topk import ordered_topk
+    from dcpserve.attention.backend import TorchBackend
+    from dcpserve.attention.indexer import compact_owned, select_sharded
+    from dcpserve.attention.topk import PAD_POS, ordered_topk
+    from dcpserve.engine.forward_batch import SeqPlan, StepPlan, build_forward_batch
     from dcpserve.kv.layout import SlotLayout
 
     d, r = ps.dcp_size, ps.dcp_rank
@@ -123,16 +125,35 @@ def _check_decode_select(ps, g, one_rank=False) -> str | None:
     if one_rank:
         hot = int(torch.randint(0, d, (1,), generator=g))
         full_scores = [s + 10.0 * (lay.owner_of_position(torch.arange(len(s))) == hot).float() for s in full_scores]
-    pos = [lay.local_positions(c, r) for c in ctx]
-    got = decode_select_sharded(ps, [s[p] for s, p in zip(full_scores, pos)], pos, ctx, k)
+    # A decode step's metadata for these sequences (random distinct pages), as the engine builds it.
+    n_pages = [lay.pages_needed(c) for c in ctx]
+    perm = torch.randperm(sum(n_pages) + 3, generator=g).tolist()
+    tables, o = [], 0
+    for n in n_pages:
+        tables.append(perm[o : o + n])
+        o += n
+    plan = StepPlan([SeqPlan(t, c - 1, 1) for t, c in zip(tables, ctx)], [0] * b, is_decode=True)
+    fb = build_forward_batch(plan, lay, r, dummy_row=10**6, index_dummy_row=10**6, indexer_replicated=False,
+                             device=torch.device("cpu"))
+    local_pos = lay.local_position_table(r, fb.local_lens, max(fb.max_local_len, 1), PAD_POS)
+    scores = torch.full((b, max(fb.max_local_len, 1)), float("-inf"))
+    for i in range(b):
+        p = local_pos[i, : int(fb.local_lens[i])]
+        assert p.tolist() == lay.local_positions(ctx[i], r).tolist()
+        scores[i, : len(p)] = full_scores[i][p]
+    top = select_sharded(ps, TorchBackend(), scores, local_pos, k)
+    rows, counts = compact_owned(top, fb, k)
     for i, c in enumerate(ctx):
-        _, top = ordered_topk(full_scores[i].view(1, -1), torch.arange(c).view(1, -1), k)
-        top = top[0, : min(k, c)]
-        want = top[lay.owner_of_position(top) == r]
-        if got[i].tolist() != want.tolist():
-            return f"seq {i} ctx {c} k {k} layout {lay}: got {got[i].tolist()}, want {want.tolist()}"
-        if (got[i] < 0).any():
-            return "negative position selected"
+        _, want_top = ordered_topk(full_scores[i].view(1, -1), torch.arange(c).view(1, -1), k)
+        want_top = want_top[0, : min(k, c)]
+        got_top = top[i, : min(k, c)]
+        if got_top.tolist() != want_top.tolist() or (got_top == PAD_POS).any():
+            return f"seq {i} ctx {c} k {k} layout {lay}: got {got_top.tolist()}, want {want_top.tolist()}"
+        owned = want_top[lay.owner_of_position(want_top) == r]
+        want_rows = lay.local_rows_of_positions(torch.tensor(tables[i]), owned)
+        got_rows = rows[i, : int(counts[i])]
+        if sorted(got_rows.tolist()) != sorted(want_rows.tolist()):
+            return f"seq {i}: compacted rows {got_rows.tolist()} != owned rows {want_rows.tolist()}"
     return None
 
 

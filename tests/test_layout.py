@@ -241,13 +241,29 @@ def test_forward_batch_metadata_never_negative_and_dummy_for_foreign_tokens(args
             else:
                 assert iw.tolist() == wr.masked_fill(~mine, index_rows).tolist()
             limit = s.ctx_len if plan.is_decode else s.start
-            assert fb.own_pos[i].tolist() == lay.local_positions(limit, r).tolist()
-            orow = fb.own_rows[i]
+            orow, opos = owned_rows_and_pos(fb, lay, r, i)
+            assert int(fb.local_lens[i]) == lay.local_count(limit, r)
+            assert opos.tolist() == lay.local_positions(limit, r).tolist()
             assert orow.dtype == torch.long
             assert bool(((orow >= 0) & (orow < rows)).all())
-            assert orow.tolist() == lay.local_rows_of_positions(bt, fb.own_pos[i]).tolist()
+            assert orow.tolist() == lay.local_rows_of_positions(bt, opos).tolist()
             assert fb.last_idx[i].item() == fb.cu_new[i + 1] - 1
         assert len(owned_written) == len(set(owned_written)), "two tokens written to one real row"
+
+
+def owned_rows_and_pos(fb, lay, r, i):
+    """The rows (and positions) rank r reads for sequence i: decode reads its whole context through the block
+    table (the paged kernels' view), prefill the cached prefix rows it sends to the gather."""
+    if not fb.is_decode:
+        return fb.own_rows[i], fb.own_pos[i]
+    from dcpserve.attention.backend import paged_rows
+    from dcpserve.attention.topk import PAD_POS
+
+    n = int(fb.local_lens[i])
+    rows, valid = paged_rows(fb.block_table[i : i + 1], fb.local_lens[i : i + 1], lay.page_size, n)
+    assert bool(valid.all())
+    pos = lay.local_position_table(r, fb.local_lens[i : i + 1], n, PAD_POS)[0]
+    return rows[0], pos
 
 
 @SETTINGS
@@ -270,12 +286,12 @@ def test_simulated_pools_roundtrip(args):
     for r in range(d):
         fb = build_forward_batch(plan, lay, r, rows, rows, False, torch.device("cpu"))
         for i, s in enumerate(plan.seqs):
-            got = pools[r][fb.own_rows[i]]
-            assert got.tolist() == fb.own_pos[i].tolist()
+            orow, opos = owned_rows_and_pos(fb, lay, r, i)
+            assert pools[r][orow].tolist() == opos.tolist()
     for i, s in enumerate(plan.seqs):
         limit = s.ctx_len if plan.is_decode else s.start
         allpos = []
         for r in range(d):
             fb = build_forward_batch(plan, lay, r, rows, rows, False, torch.device("cpu"))
-            allpos += pools[r][fb.own_rows[i]].tolist()
+            allpos += pools[r][owned_rows_and_pos(fb, lay, r, i)[0]].tolist()
         assert sorted(allpos) == list(range(limit))

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcpserve.attention.backend import TorchBackend
-from dcpserve.attention.indexer import causal_topk_mask, pack_candidates, unpack_candidates
+from dcpserve.attention.indexer import causal_topk_positions, pack_candidates, unpack_candidates
 from dcpserve.attention.merge import merge_partials, merge_weights, sanitize_lse
 from dcpserve.attention.topk import PAD_POS, ordered_topk, select_count
 from dcpserve.kv.layout import SlotLayout
@@ -240,7 +240,7 @@ def test_candidate_packing_is_bit_exact(scores, positions):
     assert us.view(torch.int32).tolist() == s.view(torch.int32).tolist()
 
 
-# -- causal_topk_mask -------------------------------------------------------------------------------------
+# -- causal_topk_positions -------------------------------------------------------------------------------------
 
 
 @st.composite
@@ -254,13 +254,18 @@ def causal_cases(draw):
 
 @SETTINGS
 @given(causal_cases())
-def test_causal_topk_mask_equals_bruteforce(args):
+def test_causal_topk_positions_equals_bruteforce(args):
     ctx, new, k, scores = args
     sc = torch.tensor(scores, dtype=torch.float32).view(new, ctx)
     q_pos = torch.arange(ctx - new, ctx)
     k_pos = torch.arange(ctx)
-    mask = causal_topk_mask(sc, q_pos, k_pos, k)
-    assert mask.dtype == torch.bool and mask.shape == (new, ctx)
+    top = causal_topk_positions(TorchBackend(), sc, q_pos, k_pos, k)
+    assert top.shape == (new, k) and top.dtype == torch.int32
+    mask = torch.zeros(new, ctx, dtype=torch.bool)
+    for t in range(new):
+        sel = top[t][top[t] >= 0].long()
+        assert len(set(sel.tolist())) == len(sel)  # no duplicates
+        mask[t, sel] = True
     for t in range(new):
         qp = int(q_pos[t])
         cand = list(range(qp + 1))

@@ -1,40 +1,112 @@
-"""Attention backends. A backend computes attention of some heads over a set of latent KV rows and returns
-`(out, lse)`: out [n, heads, v_dim] fp32 and the natural-log sum-exp of the scaled scores [n, heads]
-(-inf and a zero output where a query sees no key). DCP (query gather, merge, top-k filtering) lives
-outside the backends, so each backend gets it for free."""
-from __future__ import annotations
+"""Attention backends: the operations over one rank's paged caches that the model needs, each returning
+`(out, lse)` where attention is involved: out [n, heads, kv_lora] fp32 and the natural-log sum-exp of the
+scaled scores [n, heads] (-inf and a zero output where a query sees no key). DCP (query gather, merge,
+distributed top-k) lives outside the backends (attention/dcp.py), so every backend gets it for free.
 
-from typing import Protocol
+`TorchBackend` is the reference (plain PyTorch, any device); `TritonBackend` runs the Triton kernels of
+`dcpserve/kernels/`, each of which is tested against the torch reference beside it.
+"""
+from __future__ import annotations
 
 import torch
 
+from dcpserve.attention.topk import ordered_topk
+from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
 
-class AttentionBackend(Protocol):
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, v_dim: int, scale: float,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [n, H, D], kv [m, D] (the first `v_dim` columns are the values), mask [n, m] bool (True = attend)."""
-        ...
+
+def attend(q: torch.Tensor, kv: torch.Tensor, v_dim: int, scale: float,
+           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention of q [n, H, D] over rows kv [m, D] (values = first v_dim columns), mask [n, m] bool."""
+    n, h, _ = q.shape
+    if kv.shape[0] == 0:
+        return q.new_zeros(n, h, v_dim, dtype=torch.float32), q.new_full((n, h), float("-inf"), dtype=torch.float32)
+    kvf = kv.float()
+    scores = torch.einsum("nhd,md->nhm", q.float(), kvf) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return torch.einsum("nhm,mv->nhv", p, kvf[:, :v_dim]), lse
+
+
+def paged_rows(block_table: torch.Tensor, lens: torch.Tensor, page_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [B, max_len] of tokens 0..max_len-1 of each sequence in a paged pool, and their validity."""
+    j = torch.arange(max_len, device=block_table.device)
+    valid = j[None, :] < lens[:, None]
+    page_idx = torch.clamp(j // page_size, max=max(block_table.shape[1] - 1, 0))
+    pages = block_table.long()[:, page_idx] if block_table.shape[1] else torch.zeros_like(valid, dtype=torch.long)
+    return torch.where(valid, pages * page_size + j % page_size, torch.zeros_like(pages)), valid
 
 
 class TorchBackend:
-    """The reference: plain fp32 math, any shape."""
+    name = "torch"
+    attend = staticmethod(attend)
 
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, v_dim: int, scale: float,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        n, h, _ = q.shape
-        if kv.shape[0] == 0:
-            return q.new_zeros(n, h, v_dim, dtype=torch.float32), q.new_full((n, h), float("-inf"), dtype=torch.float32)
-        kvf = kv.float()
-        scores = torch.einsum("nhd,md->nhm", q.float(), kvf) * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-        out = torch.einsum("nhm,mv->nhv", p, kvf[:, :v_dim])
-        return out, lse
+    def write_latent(self, cache: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor, fmt: LatentFormat) -> None:
+        cache[rows] = fmt.encode(kv)
+
+    def write_index(self, cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, fmt: IndexKeyFormat) -> None:
+        cache[rows] = fmt.encode(k)
+
+    def decode(self, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
+               page_size: int, scale: float, fmt: LatentFormat, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense paged decode: q [B, Hq, D]; sequence b's first lens[b] tokens of this pool."""
+        rows, valid = paged_rows(block_table, lens, page_size, max_len)
+        return self._attend_rows(q, cache, rows, valid, scale, fmt)
+
+    def sparse_decode(self, q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                      scale: float, fmt: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hq, D] over the first counts[b] entries of rows [B, kmax] (the rest is never read)."""
+        valid = torch.arange(rows.shape[1], device=rows.device)[None, :] < counts[:, None]
+        return self._attend_rows(q, cache, torch.where(valid, rows.long(), 0), valid, scale, fmt)
+
+    def _attend_rows(self, q, cache, rows, valid, scale, fmt):
+        outs, lses = [], []
+        for b in range(q.shape[0]):
+            kv = fmt.decode(cache[rows[b][valid[b]]])
+            o, l = attend(q[b : b + 1], kv, fmt.kv_lora_rank, scale)
+            outs.append(o)
+            lses.append(l)
+        if not outs:
+            return q.new_zeros(0, q.shape[1], fmt.kv_lora_rank, dtype=torch.float32), q.new_zeros(0, q.shape[1])
+        return torch.cat(outs), torch.cat(lses)
+
+    def prefill(self, q: torch.Tensor, kv: torch.Tensor, cu_q: list[int], cu_k: list[int], q_pos: torch.Tensor,
+                scale: float, fmt: LatentFormat, topk_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Varlen prefill: sequence i's queries q[cu_q[i]:cu_q[i+1]] over its context rows kv[cu_k[i]:cu_k[i+1]]
+        (positions 0..ctx-1, already decoded), causal on q_pos; with topk_pos [T, k] (-1 padded) only the
+        selected positions."""
+        outs, lses = [], []
+        for i in range(len(cu_q) - 1):
+            qs = slice(cu_q[i], cu_q[i + 1])
+            ctx = kv[cu_k[i] : cu_k[i + 1]]
+            k_pos = torch.arange(ctx.shape[0], device=q.device)
+            mask = k_pos[None, :] <= q_pos[qs, None]
+            if topk_pos is not None:
+                sel = torch.zeros_like(mask)
+                tp = topk_pos[qs].long()
+                r = torch.arange(tp.shape[0], device=q.device)[:, None].expand_as(tp)
+                ok = tp >= 0
+                sel[r[ok], tp[ok]] = True
+                mask &= sel
+            o, l = attend(q[qs], ctx, fmt.kv_lora_rank, scale, mask)
+            outs.append(o)
+            lses.append(l)
+        return torch.cat(outs), torch.cat(lses)
+
+    def index_scores(self, q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                     lens: torch.Tensor, page_size: int, scale: float, fmt: IndexKeyFormat, max_len: int) -> torch.Tensor:
+        """Indexer scores [B, max_len] of one query per sequence against its paged keys; -inf past lens[b]."""
+        rows, valid = paged_rows(block_table, lens, page_size, max_len)
+        keys = fmt.decode(cache[rows.reshape(-1)]).float().view(*rows.shape, -1)  # [B, L, Di]
+        s = torch.relu(torch.einsum("bhd,bld->bhl", q.float(), keys) * scale)
+        return torch.einsum("bh,bhl->bl", w.float(), s).masked_fill(~valid, float("-inf"))
+
+    def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ordered_topk(scores, positions, k)
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str):
     if name == "torch":
         return TorchBackend()
     if name == "triton":

@@ -8,11 +8,20 @@ a compacted list of *local* rows per query (DESIGN section 2, step 6), never a -
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import torch
 
-from dcpserve.attention.topk import PAD_POS, ordered_topk
+from dcpserve.attention.topk import PAD_POS
 from dcpserve.distributed.comm import dcp_all_gather
 from dcpserve.distributed.parallel import ParallelState
+
+if TYPE_CHECKING:
+    from dcpserve.engine.forward_batch import ForwardBatch
+
+
+class TopK(Protocol):
+    def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -30,39 +39,38 @@ def unpack_candidates(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return packed[..., 0].int().view(torch.float32), packed[..., 1]
 
 
-def decode_select_sharded(ps: ParallelState, scores: list[torch.Tensor], positions: list[torch.Tensor],
-                          ctx_lens: list[int], k: int) -> list[torch.Tensor]:
-    """Per sequence: this rank's scores [m_i] over its owned positions [m_i]. Returns, per sequence, the
-    owned positions in the global top-min(k, ctx_len) (exact; identical on every DCP size)."""
-    b = len(scores)
-    dev = scores[0].device if b else torch.device("cpu")
-    cand_s = torch.full((b, k), float("-inf"), device=dev)
-    cand_p = torch.full((b, k), PAD_POS, dtype=torch.long, device=dev)
-    for i in range(b):
-        s, p = ordered_topk(scores[i].view(1, -1), positions[i].view(1, -1), k)
-        cand_s[i], cand_p[i] = s[0], p[0]
+PREFILL_SCORE_CHUNK = 256
+
+
+def select_sharded(ps: ParallelState, be: TopK, scores: torch.Tensor, local_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact distributed top-k: local top-k of this rank's scores, all-gather (score, position) candidates,
+    the same global top-k on every rank. Returns positions [B, k] (PAD_POS where fewer exist)."""
+    cand_s, cand_p = be.topk(scores, local_pos.masked_fill(scores == float("-inf"), PAD_POS), k)
+    if ps.dcp_size == 1:
+        return cand_p
     gathered = dcp_all_gather(ps, pack_candidates(cand_s, cand_p))  # [d, B, k, 2]
-    all_s, all_p = unpack_candidates(gathered.permute(1, 0, 2, 3).reshape(b, -1, 2))
-    top_s, top_p = ordered_topk(all_s, all_p, k)
-    out = []
-    for i in range(b):
-        chosen = top_p[i, : min(k, ctx_lens[i])]
-        out.append(chosen[torch.isin(chosen, positions[i])])
-    return out
+    all_s, all_p = unpack_candidates(gathered.permute(1, 0, 2, 3).reshape(scores.shape[0], -1, 2))
+    return be.topk(all_s, all_p, k)[1]
 
 
-def causal_topk_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, k: int) -> torch.Tensor:
-    """Prefill/extend: scores [n, m] over keys at k_pos (all positions of the context, ascending) ->
-    bool [n, m], True where key is among query t's top-min(k, q_pos+1) causal keys."""
-    causal = k_pos[None, :] <= q_pos[:, None]
-    if k_pos.numel() <= k:
-        return causal
-    masked = scores.masked_fill(~causal, float("-inf"))
-    _, top_p = ordered_topk(masked, k_pos.expand_as(masked).contiguous(), k)
-    counts = torch.clamp(q_pos + 1, max=k)
-    keep = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
-    sel = torch.zeros_like(causal)
-    # Key positions are 0..m-1 for a full context, so positions index columns directly.
-    rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top_p)
-    sel[rows[keep], top_p[keep]] = True
-    return sel & causal
+def compact_owned(top: torch.Tensor, fb: ForwardBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected global positions [B, k] -> (this rank's local rows, compacted to the front [B, k], counts [B]).
+    No host sync: rows of non-owned or padding entries are pushed behind the count and never read."""
+    lay = fb.layout
+    valid = (torch.arange(k, device=top.device)[None, :] < torch.clamp(fb.ctx_lens, max=k)[:, None]) & (top != PAD_POS)
+    pos = torch.where(valid, top, torch.zeros_like(top))
+    owned = valid & (lay.owner_of_position(pos) == fb.dcp_rank)
+    gps = lay.global_page_slots
+    pages = torch.gather(fb.block_table, 1, torch.clamp(pos // gps, max=fb.block_table.shape[1] - 1)).long()
+    rows = lay.local_row(pages * gps + pos % gps)
+    order = torch.sort((~owned).to(torch.int8), dim=1, stable=True).indices
+    return torch.gather(rows, 1, order), owned.sum(1)
+
+
+def causal_topk_positions(be: TopK, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Prefill/extend: scores [n, m] over a whole context (k_pos = 0..m-1) -> [n, k] int32 selected positions
+    per query, -1 padded: the causal top-min(k, q_pos+1)."""
+    masked = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    _, top = be.topk(masked, k_pos.expand_as(masked).contiguous(), k)
+    keep = torch.arange(k, device=top.device)[None, :] < torch.clamp(q_pos + 1, max=k)[:, None]
+    return torch.where(keep, top, -1).to(torch.int32)

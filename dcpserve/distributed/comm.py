@@ -1,8 +1,14 @@
 """Tensor collectives over the TP and DCP groups. Each is a no-op on a group of one."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+
+# torch 2.13 renames the *_tensor collectives (*_single); torch 2.11 (our GPU image) has only the old names.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*_single`",
+                        category=FutureWarning)
 
 from dcpserve.distributed.parallel import ParallelState
 

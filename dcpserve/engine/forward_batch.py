@@ -40,12 +40,17 @@ class ForwardBatch:
     write_rows: torch.Tensor  # [T] local latent rows; the dummy row for tokens owned elsewhere
     index_write_rows: torch.Tensor  # [T] rows of the indexer cache (global slots when it is replicated)
     cu_new: list[int]  # token offsets of each sequence in the flat batch
-    block_tables: list[torch.Tensor]
-    # Rows this rank owns of each sequence's attended range (decode: the whole context incl. the new
-    # token; prefill: the cached prefix), ascending by position, and those positions.
+    # Prefill only: rows this rank owns of each sequence's cached prefix, ascending by position, and those
+    # positions (what the prefix gather sends). Empty lists in decode.
     own_rows: list[torch.Tensor]
     own_pos: list[torch.Tensor]
     last_idx: torch.Tensor  # [B] index of each sequence's last token in the flat batch
+    # Batched (padded) views for the paged kernels.
+    block_table: torch.Tensor  # [B, max_pages] global page ids (0-padded; never read past the lengths)
+    ctx_lens: torch.Tensor  # [B] context length after this step
+    local_lens: torch.Tensor  # [B] tokens this rank holds of the attended range (decode: context; prefill: prefix)
+    max_ctx_len: int
+    max_local_len: int
     dcp_rank: int = 0
     layout: SlotLayout = field(default=None)  # type: ignore[assignment]
 
@@ -60,7 +65,7 @@ class ForwardBatch:
 def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy_row: int, index_dummy_row: int,
                         indexer_replicated: bool, device: torch.device) -> ForwardBatch:
     positions, write_rows, index_rows, cu = [], [], [], [0]
-    block_tables, own_rows, own_pos = [], [], []
+    own_rows, own_pos, local_lens = [], [], []
     for s in plan.seqs:
         bt = torch.tensor(s.block_table, dtype=torch.long)
         pos = torch.arange(s.start, s.ctx_len, dtype=torch.long)
@@ -70,12 +75,19 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         positions.append(pos)
         write_rows.append(rows)
         index_rows.append(slots if indexer_replicated else torch.where(owned, rows, torch.full_like(rows, index_dummy_row)))
-        limit = s.ctx_len if plan.is_decode else s.start
-        opos = layout.local_positions(limit, dcp_rank)
-        own_pos.append(opos.to(device))
-        own_rows.append(layout.local_rows_of_positions(bt, opos).to(device))
-        block_tables.append(bt.to(device))
+        if plan.is_decode:  # decode reads through the block table; only the count is needed here
+            local_lens.append(layout.local_count(s.ctx_len, dcp_rank))
+        else:  # prefill gathers the cached prefix's rows from the group
+            opos = layout.local_positions(s.start, dcp_rank)
+            own_pos.append(opos.to(device))
+            own_rows.append(layout.local_rows_of_positions(bt, opos).to(device))
+            local_lens.append(len(opos))
         cu.append(cu[-1] + s.num_new)
+    b = len(plan.seqs)
+    max_pages = max((len(s.block_table) for s in plan.seqs), default=0)
+    table = torch.zeros(b, max(max_pages, 1), dtype=torch.int32)  # int32: what the kernels take
+    for i, s in enumerate(plan.seqs):
+        table[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
     cat = lambda xs: torch.cat(xs).to(device) if xs else torch.empty(0, dtype=torch.long, device=device)  # noqa: E731
     return ForwardBatch(
         is_decode=plan.is_decode,
@@ -85,10 +97,14 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         write_rows=cat(write_rows),
         index_write_rows=cat(index_rows),
         cu_new=cu,
-        block_tables=block_tables,
         own_rows=own_rows,
         own_pos=own_pos,
         last_idx=torch.tensor([c - 1 for c in cu[1:]], dtype=torch.long, device=device),
+        block_table=table.to(device),
+        ctx_lens=torch.tensor([s.ctx_len for s in plan.seqs], dtype=torch.int32, device=device),
+        local_lens=torch.tensor(local_lens, dtype=torch.int32, device=device),
+        max_ctx_len=max((s.ctx_len for s in plan.seqs), default=0),
+        max_local_len=max(local_lens, default=0),
         dcp_rank=dcp_rank,
         layout=layout,
     )

@@ -26,6 +26,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     logits: torch.Tensor | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -113,7 +114,8 @@ class LLMEngine:
             return []
         req = StepRequest(step.plan, step.samples, want_logits=self.record_logits, forget=tuple(self._forget))
         self._forget = []
-        _, tokens, logits = self.ranks.run(req)
+        # A rank that hangs (rather than dies) must not block the caller forever.
+        _, tokens, logits = self.ranks.run(req, timeout=max(self.args.dist_timeout_s, 300))
         self.scheduler.complete(step, tokens)
         self._account(step)
         outs = []
@@ -126,7 +128,7 @@ class LLMEngine:
                 self.seqs.pop(seq.req_id, None)
                 self._forget.append(seq.req_id)
             outs.append(StepOutput(seq.req_id, [tok], reason is not None, reason,
-                                   logits[i] if logits is not None else None))
+                                   logits[i] if logits is not None else None, seq.cached_tokens))
         return outs
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
@@ -151,6 +153,9 @@ class LLMEngine:
             s.prefill_tokens += n
         s.last_batch = len(step.seqs)
         s.preemptions = self.scheduler.num_preemptions
+
+    def alive(self) -> bool:
+        return self.ranks.alive()
 
     def kv_usage(self) -> float:
         return self.allocator.num_used / max(self.allocator.num_pages, 1)

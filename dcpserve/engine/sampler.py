@@ -2,6 +2,7 @@
 seeded generator, so a seeded request gives the same tokens whatever else shares its batch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError("temperature must be a finite number >= 0")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError("seed must fit in 64 bits")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError("top_k must be -1 (off) or >= 1")
         if self.max_tokens < 1:

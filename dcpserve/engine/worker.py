@@ -82,7 +82,17 @@ class ModelRunner:
         max_pos = max(cfg.max_position_embeddings, args.context_length or 0)
         self.rt = AttnRuntime(self.pool, RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_pos, dev, self.dtype),
                               get_backend(args.attention_backend), args.dcp_comm)
+        if args.attention_backend == "triton":
+            for layer in self.model.layers:
+                if hasattr(layer.mlp, "fused"):
+                    layer.mlp.fused = True
         self.sampler = Sampler()
+        self.graphs = None
+        if dev.type == "cuda" and args.attention_backend == "triton" and not args.disable_cuda_graph:
+            from dcpserve.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.rt, self.pool.dummy_row, self.pool.index_dummy_row,
+                                       min(args.cuda_graph_max_bs, args.max_running_requests), num_pages)
 
     def _kv_budget(self) -> int:
         if self.args.kv_mem_gb is not None:
@@ -103,7 +113,10 @@ class ModelRunner:
             self.sampler.forget(rid)
         fb = build_forward_batch(req.plan, self.layout, self.ps.dcp_rank, self.pool.dummy_row,
                                  self.pool.index_dummy_row, self.pool.indexer_replicated, self.ps.device)
-        logits = self.model(fb, self.rt)
+        if self.graphs is not None and self.graphs.can_run(fb):
+            logits = self.graphs.run(fb)
+        else:
+            logits = self.model(fb, self.rt)
         if self.ps.rank != 0:
             return [], None
         idx = [i for i, s in enumerate(req.samples) if s is not None]

@@ -20,6 +20,12 @@ FP8_MAX = 448.0
 QBLOCK = 128
 
 
+def _fp8_max(device: torch.device) -> torch.Tensor:
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal, which
+    # rounds differently from the CPU and from the Triton write kernels (a true division).
+    return torch.tensor(FP8_MAX, dtype=torch.float32, device=device)
+
+
 @dataclass(frozen=True)
 class LatentFormat:
     kv_lora_rank: int
@@ -54,7 +60,7 @@ class LatentFormat:
         nope = kv[:, :r].float()
         pad = self.n_scales * self.block - r
         blocks = torch.nn.functional.pad(nope, (0, pad)).view(n, self.n_scales, self.block)
-        scale = (blocks.abs().amax(-1).clamp_min(1e-8) / FP8_MAX).to(torch.float32)
+        scale = (blocks.abs().amax(-1).clamp_min(1e-8) / _fp8_max(kv.device)).to(torch.float32)
         q = (blocks / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(n, -1)[:, :r]
         out = torch.empty(n, self.row_bytes, dtype=torch.uint8, device=kv.device)
         out[:, :r] = q.view(torch.uint8)
@@ -94,7 +100,7 @@ class IndexKeyFormat:
             return k.to(self.dtype)
         n, dh = k.shape
         kf = k.float()
-        scale = (kf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / FP8_MAX).to(torch.float32)
+        scale = (kf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / _fp8_max(k.device)).to(torch.float32)
         out = torch.empty(n, self.row_bytes, dtype=torch.uint8, device=k.device)
         out[:, :dh] = (kf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
         out[:, dh:] = scale.view(torch.uint8).view(n, 4)

@@ -56,6 +56,14 @@ class SlotLayout:
         pos = torch.arange(length, dtype=torch.long)
         return pos[self.owner_of_position(pos) == rank]
 
+    def local_position_table(self, rank: int, lens: torch.Tensor, max_len: int, pad: int) -> torch.Tensor:
+        """[B, max_len]: global position of the j-th token rank `rank` holds of each sequence; `pad` past
+        lens[b]. Computed on the device from the lengths alone (no host work per token, graph-safe)."""
+        i, d = self.interleave, self.dcp
+        j = torch.arange(max_len, device=lens.device)
+        pos = torch.div(j, i, rounding_mode="floor") * (i * d) + rank * i + j % i
+        return torch.where(j[None, :] < lens[:, None].long(), pos[None, :], torch.full_like(pos[None, :], pad))
+
     def local_rows_of_positions(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.local_row(self.slots_of(block_table, positions))
 

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcpserve.attention.backend import AttentionBackend
+from dcpserve.attention.backend import TorchBackend
 from dcpserve.attention.dcp import gather_heads, gather_prefix_rows, merge
-from dcpserve.attention.indexer import causal_topk_mask, decode_select_sharded, index_scores
-from dcpserve.attention.topk import ordered_topk
+from dcpserve.attention.indexer import (PREFILL_SCORE_CHUNK, causal_topk_positions, compact_owned, index_scores,
+                                       select_sharded)
+from dcpserve.attention.topk import PAD_POS
 from dcpserve.config import ModelConfig
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.engine.forward_batch import ForwardBatch
@@ -27,7 +28,7 @@ class AttnRuntime:
 
     pool: KVPool
     rope: RotaryEmbedding
-    backend: AttentionBackend
+    backend: TorchBackend  # or TritonBackend: same operations
     dcp_comm: str
 
 
@@ -104,7 +105,7 @@ class MLA(nn.Module):
         return rope.apply_interleaved(x, positions) if self.cfg.rope_interleave else rope.apply_half(x, positions)
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime) -> torch.Tensor:
-        c, pool = self.cfg, rt.pool
+        c, pool, be = self.cfg, rt.pool, rt.backend
         if c.q_lora_rank:
             q_lora = self.q_a_layernorm(self.q_a_proj(x))
             q = self.q_b_proj(q_lora)
@@ -115,86 +116,89 @@ class MLA(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         latent = torch.cat([self.kv_a_layernorm(kv[:, : c.kv_lora_rank]),
                             self._rope(kv[:, c.kv_lora_rank :], fb.positions, rt.rope)], dim=-1)
-        pool.write_latent(self.layer, fb.write_rows, latent)
+        be.write_latent(pool.latent[self.layer], fb.write_rows, latent, pool.latent_fmt)
         w_uk, w_uv = self._absorb_weights()
         q_abs = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], dim=-1)  # [T, H, 576]
 
-        idx_q = idx_w = None
+        idx = None
         if self.indexer is not None:
             k_idx = self.indexer.keys(x, fb.positions, rt.rope)
-            pool.write_index(self.layer, fb.index_write_rows, k_idx)
-            idx_q, idx_w = self.indexer.queries(x, q_lora, fb.positions, rt.rope)
+            be.write_index(pool.index_keys[self.layer], fb.index_write_rows, k_idx, pool.index_fmt)
+            idx = (*self.indexer.queries(x, q_lora, fb.positions, rt.rope), k_idx)
         if fb.is_decode:
-            o_lat = self._decode(q_abs, fb, rt, idx_q, idx_w)
+            o_lat = self._decode(q_abs, fb, rt, idx)
         else:
-            o_lat = self._prefill(q_abs, latent, fb, rt, idx_q, idx_w, k_idx if self.indexer is not None else None)
+            o_lat = self._prefill(q_abs, latent, fb, rt, idx)
         o = torch.einsum("thc,hvc->thv", o_lat.to(x.dtype), w_uv)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     # -- decode: DCP merge path ----------------------------------------------------------------------
-    def _decode(self, q: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime, idx_q, idx_w) -> torch.Tensor:
-        c, pool = self.cfg, rt.pool
-        qg = gather_heads(self.ps, q)  # [B, d*H, 576]
-        rows = fb.own_rows
-        if self.indexer is not None and any(s.ctx_len > c.index_topk for s in fb.seqs):
-            rows = self._decode_select(fb, rt, idx_q, idx_w)
-        outs, lses = [], []
-        for i in range(fb.num_seqs):
-            kv = pool.read_latent(self.layer, rows[i])
-            o, l = rt.backend.attend(qg[i : i + 1], kv, c.kv_lora_rank, c.softmax_scale)
-            outs.append(o)
-            lses.append(l)
-        return merge(self.ps, torch.cat(outs), torch.cat(lses), rt.dcp_comm)
-
-    def _decode_select(self, fb: ForwardBatch, rt: AttnRuntime, idx_q, idx_w) -> list[torch.Tensor]:
-        """Local rows of the owned tokens in each sequence's global top-k."""
-        c, pool, lay, k = self.cfg, rt.pool, fb.layout, self.cfg.index_topk
-        scale = self.indexer.scale
-        if pool.indexer_replicated:
-            chosen = []
-            for i, s in enumerate(fb.seqs):
-                pos = torch.arange(s.ctx_len, device=fb.positions.device)
-                keys = pool.read_index(self.layer, lay.slots_of(fb.block_tables[i], pos))
-                sc = index_scores(idx_q[i : i + 1], idx_w[i : i + 1], keys, scale)
-                _, top = ordered_topk(sc, pos.view(1, -1), k)
-                top = top[0, : min(k, s.ctx_len)]
-                chosen.append(top[lay.owner_of_position(top) == fb.dcp_rank])
+    def _decode(self, q: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime, idx) -> torch.Tensor:
+        c, pool, be = self.cfg, rt.pool, rt.backend
+        qg = gather_heads(self.ps, q)  # [B, d*H, 576]: the whole group's heads over this rank's tokens
+        cache = pool.latent[self.layer]
+        if self.indexer is not None and fb.max_ctx_len > c.index_topk:
+            rows, counts = self._decode_select(fb, rt, idx[0], idx[1])
+            out, lse = be.sparse_decode(qg, cache, rows, counts, c.softmax_scale, pool.latent_fmt)
         else:
-            scores = []
-            for i in range(fb.num_seqs):
-                keys = pool.read_index(self.layer, fb.own_rows[i])
-                scores.append(index_scores(idx_q[i : i + 1], idx_w[i : i + 1], keys, scale)[0])
-            chosen = decode_select_sharded(self.ps, scores, fb.own_pos, [s.ctx_len for s in fb.seqs], k)
-        return [lay.local_rows_of_positions(fb.block_tables[i], p) for i, p in enumerate(chosen)]
+            out, lse = be.decode(qg, cache, fb.block_table, fb.local_lens, fb.layout.page_size, c.softmax_scale,
+                                 pool.latent_fmt, fb.max_local_len)
+        return merge(self.ps, out, lse, rt.dcp_comm)
+
+    def _decode_select(self, fb: ForwardBatch, rt: AttnRuntime, idx_q, idx_w) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compacted local rows [B, k] and counts [B] of the owned tokens in each sequence's global top-k."""
+        c, pool, be, lay, k = self.cfg, rt.pool, rt.backend, fb.layout, self.cfg.index_topk
+        cache = pool.index_keys[self.layer]
+        if pool.indexer_replicated:
+            # Every rank holds every key, at its global slot: a paged pool with page size page_size * d.
+            scores = be.index_scores(idx_q, idx_w, cache, fb.block_table, fb.ctx_lens, lay.global_page_slots,
+                                     self.indexer.scale, pool.index_fmt, fb.max_ctx_len)
+            pos = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+            _, top = be.topk(scores, pos.masked_fill(scores == float("-inf"), PAD_POS), k)
+        else:
+            scores = be.index_scores(idx_q, idx_w, cache, fb.block_table, fb.local_lens, lay.page_size,
+                                     self.indexer.scale, pool.index_fmt, fb.max_local_len)
+            pos = lay.local_position_table(fb.dcp_rank, fb.local_lens, scores.shape[1], PAD_POS)
+            top = select_sharded(self.ps, be, scores, pos, k)
+        return compact_owned(top, fb, k)
 
     # -- prefill / extend: gather the cached prefix, own heads, no merge ----------------------------
-    def _prefill(self, q: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime,
-                 idx_q, idx_w, k_idx) -> torch.Tensor:
-        c, pool = self.cfg, rt.pool
+    def _prefill(self, q: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime, idx) -> torch.Tensor:
+        c, pool, be = self.cfg, rt.pool, rt.backend
         starts = [s.start for s in fb.seqs]
-        prefix_raw = gather_prefix_rows(self.ps, fb.layout, starts,
-                                        [pool.latent[self.layer][r] for r in fb.own_rows])
-        idx_prefix = None
-        if self.indexer is not None:
-            if pool.indexer_replicated:
-                idx_prefix = [pool.read_index(self.layer, fb.layout.slots_of(fb.block_tables[i],
-                              torch.arange(s, device=fb.positions.device))) for i, s in enumerate(starts)]
-            else:
-                raw = gather_prefix_rows(self.ps, fb.layout, starts,
-                                         [pool.index_keys[self.layer][r] for r in fb.own_rows])
-                idx_prefix = [pool.index_fmt.decode(t) for t in raw]
-        outs = []
+        prefix = gather_prefix_rows(self.ps, fb.layout, starts, [pool.latent[self.layer][r] for r in fb.own_rows])
+        # Fresh tokens go through the cache format too, so a later prefix-cache hit sees the same values.
+        fresh = pool.roundtrip_latent(latent)
+        kv = torch.cat([t for i in range(fb.num_seqs)
+                        for t in (pool.latent_fmt.decode(prefix[i]), fresh[fb.seq_tokens(i)])])
+        cu_k = [0]
+        for s in fb.seqs:
+            cu_k.append(cu_k[-1] + s.ctx_len)
+        topk_pos = None
+        if self.indexer is not None and fb.max_ctx_len > c.index_topk:
+            topk_pos = self._prefill_select(fb, rt, idx, starts)
+        out, _ = be.prefill(q, kv, fb.cu_new, cu_k, fb.positions, c.softmax_scale, pool.latent_fmt, topk_pos)
+        return out
+
+    def _prefill_select(self, fb: ForwardBatch, rt: AttnRuntime, idx, starts: list[int]) -> torch.Tensor:
+        """[T, k] selected context positions per query (-1 padded): causal top-min(k, pos+1)."""
+        idx_q, idx_w, k_idx = idx
+        pool, k = rt.pool, self.cfg.index_topk
+        if pool.indexer_replicated:
+            dev = fb.positions.device
+            prefix = [pool.read_index(self.layer, fb.layout.slots_of(fb.block_table[i].long(), torch.arange(s, device=dev)))
+                      for i, s in enumerate(starts)]
+        else:
+            raw = gather_prefix_rows(self.ps, fb.layout, starts, [pool.index_keys[self.layer][r] for r in fb.own_rows])
+            prefix = [pool.index_fmt.decode(t) for t in raw]
+        fresh = pool.roundtrip_index(k_idx)
+        out = torch.full((fb.positions.shape[0], k), -1, dtype=torch.int32, device=fb.positions.device)
         for i, s in enumerate(fb.seqs):
             sl = fb.seq_tokens(i)
-            # Fresh tokens go through the cache format too, so a later prefix-cache hit sees the same values.
-            kv = torch.cat([pool.latent_fmt.decode(prefix_raw[i]), pool.roundtrip_latent(latent[sl])])
-            q_pos = fb.positions[sl]
-            k_pos = torch.arange(s.ctx_len, device=q.device)
-            mask = k_pos[None, :] <= q_pos[:, None]
-            if self.indexer is not None and s.ctx_len > c.index_topk:
-                keys = torch.cat([idx_prefix[i], pool.roundtrip_index(k_idx[sl])])
-                sc = index_scores(idx_q[sl], idx_w[sl], keys, self.indexer.scale)
-                mask = causal_topk_mask(sc, q_pos, k_pos, c.index_topk)
-            o, _ = rt.backend.attend(q[sl], kv, c.kv_lora_rank, c.softmax_scale, mask)
-            outs.append(o)
-        return torch.cat(outs)
+            keys = torch.cat([prefix[i], fresh[sl]])
+            k_pos = torch.arange(s.ctx_len, device=keys.device)
+            for a in range(sl.start, sl.stop, PREFILL_SCORE_CHUNK):  # bounds the [n, ctx] score matrix
+                b = min(a + PREFILL_SCORE_CHUNK, sl.stop)
+                scores = index_scores(idx_q[a:b], idx_w[a:b], keys, self.indexer.scale)
+                out[a:b] = causal_topk_positions(rt.backend, scores, fb.positions[a:b], k_pos, k)
+        return out

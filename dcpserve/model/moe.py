@@ -43,6 +43,7 @@ class MoE(nn.Module):
         self.bias = nn.Parameter(torch.zeros(e), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(e, 2 * self.inter, h), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, self.inter), requires_grad=False)
+        self.fused = False  # set by the runner when the Triton backend is on: one grouped GEMM, graph-safe
         self.shared = (
             DenseMLP(h, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, reduce=False)
             if cfg.n_shared_experts else None
@@ -51,7 +52,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate_weight.float())
         weights, ids = route(logits, self.bias.float(), self.cfg)
-        out = self.experts(x, weights, ids)
+        if self.fused:
+            from dcpserve.kernels.moe import fused_moe
+
+            out = fused_moe(x, self.w13, self.w2, weights, ids)
+        else:
+            out = self.experts(x, weights, ids)
         if self.shared is not None:
             out = out + self.shared(x)
         return tp_all_reduce(self.ps, out)

@@ -1,0 +1,138 @@
+"""Indexer scoring kernel and packed-key top-k (dcpserve/kernels/indexer.py) against their references.
+
+On CPU the kernel runs in Triton's interpreter on tiny shapes; on a GPU machine it runs on CUDA."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from dcpserve.attention.indexer import index_scores  # noqa: E402
+from dcpserve.attention.topk import PAD_POS, ordered_topk  # noqa: E402
+from dcpserve.kernels.indexer import (  # noqa: E402
+    indexer_scores,
+    indexer_scores_ref,
+    topk_ordered,
+    topk_ordered_ref,
+)
+from dcpserve.kv.formats import IndexKeyFormat  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _case(lens: list[int], page_size: int, hi: int, di: int, cache_kind: str, q_dtype: torch.dtype,
+          seed: int) -> dict:
+    """Random queries/weights and a paged cache whose pages are shuffled across sequences."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    pages_per_seq = max(1, max(-(-n // page_size) for n in lens))
+    n_pages = b * pages_per_seq + 2
+    fp8 = cache_kind == "fp8"
+    fmt = IndexKeyFormat(di, fp8, torch.float32 if cache_kind == "fp32" else torch.bfloat16)
+    keys = torch.randn(n_pages * page_size, di, generator=gen) * (1 + 3 * torch.rand(n_pages * page_size, 1, generator=gen))
+    cache = fmt.encode(keys).to(DEV)
+    block_table = torch.randperm(n_pages, generator=gen)[: b * pages_per_seq].view(b, pages_per_seq)
+    # Entries past a sequence's last page hold garbage: the kernel must never read them.
+    for i, n in enumerate(lens):
+        block_table[i, -(-n // page_size):] = -1
+    q = torch.randn(b, hi, di, generator=gen).to(q_dtype)
+    w = torch.randn(b, hi, generator=gen) * hi ** -0.5
+    return dict(q=q.to(DEV), w=w.to(DEV), cache=cache, block_table=block_table.to(torch.int32).to(DEV),
+                lens=torch.tensor(lens, dtype=torch.int32, device=DEV), page_size=page_size,
+                scale=di ** -0.5, fp8=fp8)
+
+
+def _assert_scores(out: torch.Tensor, ref: torch.Tensor, lens: list[int], tol: float) -> None:
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    for i, n in enumerate(lens):
+        assert torch.isneginf(out[i, n:]).all()
+    live = torch.isfinite(ref)
+    assert torch.isfinite(out[live]).all()
+    err = (out[live] - ref[live]).abs().max().item() if live.any() else 0.0
+    assert err <= tol * max(1.0, ref[live].abs().max().item() if live.any() else 1.0), err
+
+
+@pytest.mark.parametrize("cache_kind", ["fp8", "bf16", "fp32"])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_indexer_scores_matches_ref(cache_kind: str, q_dtype: torch.dtype, swap_ab: bool) -> None:
+    lens = [37, 0, 1, 130, 16]  # ragged, empty, single token, several pages, exactly one page
+    c = _case(lens, 16, 16, 64, cache_kind, q_dtype, seed=len(cache_kind) + q_dtype.itemsize)
+    out = indexer_scores(**c, swap_ab=swap_ab)
+    ref = indexer_scores_ref(**c)
+    # fp32 tiles on CPU / fp32 queries; bf16 queries on GPU run bf16 tensor-core dots of exact operands.
+    exact_f32 = q_dtype == torch.float32 or cache_kind == "fp32" or DEV.type == "cpu"
+    _assert_scores(out, ref, lens, 1e-5 if exact_f32 else 1e-3)
+
+
+@pytest.mark.parametrize("tiles_per_prog", [2, 3])
+def test_indexer_scores_multi_tile_programs_and_wider_output(tiles_per_prog: int) -> None:
+    lens = [150, 3, 64, 0]
+    c = _case(lens, 32, 16, 64, "fp8", torch.float32, seed=7)
+    out = indexer_scores(**c, max_len=200, block_n=16, tiles_per_prog=tiles_per_prog, swap_ab=tiles_per_prog == 3)
+    ref = indexer_scores_ref(**c, max_len=200)
+    _assert_scores(out, ref, lens, 1e-5)
+
+
+def test_indexer_all_empty() -> None:
+    c = _case([0, 0], 16, 16, 64, "fp8", torch.float32, seed=1)
+    assert indexer_scores(**c).shape == (2, 0)
+    out = indexer_scores(**c, max_len=5)
+    assert torch.isneginf(out).all()
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_indexer_ref_equals_engine_index_scores(fp8: bool) -> None:
+    lens = [21, 40]
+    c = _case(lens, 8, 16, 64, "fp8" if fp8 else "fp32", torch.float32, seed=11)
+    ref = indexer_scores_ref(**c).cpu()
+    fmt = IndexKeyFormat(64, fp8, torch.float32)  # fp32 decode: the exact dequantized keys
+    for i, n in enumerate(lens):
+        j = torch.arange(n)
+        rows = c["block_table"][i].cpu().long()[j // 8] * 8 + j % 8
+        keys = fmt.decode(c["cache"].cpu()[rows])
+        want = index_scores(c["q"][i : i + 1].cpu(), c["w"][i : i + 1].cpu(), keys, c["scale"])[0]
+        torch.testing.assert_close(ref[i, :n], want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+def _tied_scores(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Integer-valued scores in a narrow range (many ties), some -inf, some -0.0/+0.0."""
+    s = torch.randint(-3, 4, shape, generator=gen).float()
+    s[torch.rand(shape, generator=gen) < 0.2] = float("-inf")
+    zero = s == 0
+    s[zero & (torch.rand(shape, generator=gen) < 0.5)] = -0.0
+    return s
+
+
+@pytest.mark.parametrize("n,k", [(50, 7), (50, 50), (13, 20), (300, 64), (1, 1)])
+def test_topk_ordered_matches_ordered_topk(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    for shape in [(4, n), (2, 3, n)]:
+        scores = _tied_scores(shape, gen)
+        # Unique positions spread over the whole supported range, incl. above 2^31, plus PAD_POS entries
+        # (as in gathered candidate lists).
+        pos = torch.randperm(n, generator=gen) * (2**32 // max(n, 1)) + torch.randint(0, 5, (n,), generator=gen)
+        pos = pos.clamp(max=2**32 - 2).expand(shape).clone()
+        pos[..., -1] = PAD_POS
+        scores[..., -1] = float("-inf")
+        got_s, got_p = topk_ordered(scores.to(DEV), pos.to(DEV), k)
+        want_s, want_p = ordered_topk(scores, pos, k)
+        ref_s, ref_p = topk_ordered_ref(scores, pos, k)
+        assert torch.equal(got_p.cpu(), want_p) and torch.equal(ref_p, want_p)
+        assert torch.equal(got_s.cpu(), want_s) and torch.equal(ref_s, want_s)
+        if k > n:  # padding carries PAD_POS (not INT64_MIN) and -inf
+            assert (got_p[..., n:] == PAD_POS).all() and torch.isneginf(got_s[..., n:]).all()
+
+
+def test_topk_ordered_all_ties_prefers_low_positions() -> None:
+    scores = torch.full((2, 40), 1.5)
+    pos = torch.stack([torch.randperm(40), torch.arange(40) + 2**31])
+    s, p = topk_ordered(scores.to(DEV), pos.to(DEV), 8)
+    assert torch.equal(p.cpu(), pos.sort(-1).values[:, :8])
+    assert (s == 1.5).all()
