@@ -24,6 +24,10 @@ COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_interme
 PROMPTS = [[(i * 37 + 11) % 250 + 2 for i in range(40)], [(i * 53 + 7) % 250 + 2 for i in range(23)], [5, 17, 42]]
 NEW_TOKENS = 32
 
+# fp32 everywhere (the reference runs in fp32); DCPSERVE_TEST_BACKEND=triton runs the same tests on the Triton
+# kernels (on a GPU, or through the interpreter with TRITON_INTERPRET=1).
+ENGINE_DEFAULTS = {"dtype": "float32", "attention_backend": os.environ.get("DCPSERVE_TEST_BACKEND", "torch")}
+
 
 @dataclass
 class Reference:

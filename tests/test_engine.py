@@ -7,7 +7,7 @@ import torch
 
 from dcpserve.engine.llm import LLM
 from dcpserve.engine.sampler import SamplingParams
-from tests.hf_models import PROMPTS
+from tests.hf_models import ENGINE_DEFAULTS, PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
@@ -15,7 +15,7 @@ GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 def generate(path, prompts, params=GREEDY, arrival=None, **kw):
     kw.setdefault("page_size", 4)
     kw.setdefault("kv_mem_gb", 0.01)
-    with LLM(path, **kw) as llm:
+    with LLM(path, **{**ENGINE_DEFAULTS, **kw}) as llm:
         return [o["output_ids"] for o in llm.generate(prompts, params, arrival_steps=arrival)]
 
 
@@ -29,7 +29,7 @@ def test_quantized_cache_is_dcp_invariant(hf_refs, cache):
     # The quantized cache stays close to full precision. Checked on the 3-token prompt: on the longer ones
     # this sharp random model's indexer selection flips under e4m3 rounding, which says nothing about the
     # format (its round-trip error is ~2.5%, tested in tests/kernels).
-    with LLM(path, record_logits=True, kv_cache_dtype=cache, page_size=4, kv_mem_gb=0.01) as llm:
+    with LLM(path, record_logits=True, kv_cache_dtype=cache, page_size=4, kv_mem_gb=0.01, **ENGINE_DEFAULTS) as llm:
         first = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=1))[0]["logits"][0]
     ref = hf_refs["v32"].logits[2][0]
     corr = float(torch.corrcoef(torch.stack([first, ref]))[0, 1])
@@ -52,7 +52,7 @@ def test_chunked_prefill_and_prefix_reuse_match(hf_refs):
     p0 = PROMPTS[0]
     outs = generate(ref.path, [p0], tp=2, dcp=2, chunked_prefill_size=7)
     assert outs[0] == ref.outputs[0][:24]
-    with LLM(ref.path, tp=2, dcp=2, page_size=2, kv_mem_gb=0.01) as llm:
+    with LLM(ref.path, tp=2, dcp=2, page_size=2, kv_mem_gb=0.01, **ENGINE_DEFAULTS) as llm:
         first = llm.generate([p0], GREEDY)[0]["output_ids"]
         second = llm.generate([p0], GREEDY)[0]["output_ids"]
         assert llm.engine.allocator.stats.hit_tokens > 0
@@ -77,7 +77,7 @@ def test_preemption_under_kv_pressure(hf_refs):
     alone = generate(ref.path, prompts, tp=1, dcp=1)
     # 80 tokens of KV for 4 requests needing ~55 each.
     small = 80 * 3 * (32 + 8 + 32) * 4 / 2 / 1e9  # tokens * layers * (latent + indexer) * fp32 / dcp
-    with LLM(ref.path, tp=2, dcp=2, page_size=2, kv_mem_gb=small) as llm:
+    with LLM(ref.path, tp=2, dcp=2, page_size=2, kv_mem_gb=small, **ENGINE_DEFAULTS) as llm:
         assert llm.engine.capacity_tokens <= 96
         outs = [o["output_ids"] for o in llm.generate(prompts, GREEDY)]
         assert llm.engine.allocator.num_used == 0

@@ -7,7 +7,7 @@ import torch
 
 from dcpserve.engine.llm import LLM
 from dcpserve.engine.sampler import SamplingParams
-from tests.hf_models import NEW_TOKENS, PROMPTS
+from tests.hf_models import ENGINE_DEFAULTS, NEW_TOKENS, PROMPTS
 
 # fp32 on CPU: the absorbed MLA form and the engine's reduction orders differ from transformers' by float
 # rounding only (measured ~1e-5); 2e-3 leaves room while staying far below the logit gaps that decide tokens.
@@ -23,7 +23,7 @@ CASES += [("v32-fp8", 1, 1, "a2a", "sharded"), ("v32-fp8", 4, 2, "ag_rs", "shard
 
 def run_engine(path: str, tp: int, dcp: int, comm: str = "a2a", indexer: str = "sharded", **kw) -> list[dict]:
     with LLM(path, record_logits=True, tp=tp, dcp=dcp, dcp_comm=comm, dcp_indexer=indexer, page_size=4,
-             kv_mem_gb=0.01, **kw) as llm:
+             kv_mem_gb=0.01, **{**ENGINE_DEFAULTS, **kw}) as llm:
         return llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
 
 

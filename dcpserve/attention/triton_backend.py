@@ -1,0 +1,54 @@
+"""The Triton backend: the same operations as `TorchBackend`, run by the kernels of `dcpserve/kernels/`
+(each tested against the torch reference beside it). Shapes the kernels do not cover (tiny test models'
+indexer heads) fall back to the torch path."""
+from __future__ import annotations
+
+import torch
+
+from dcpserve.attention.backend import TorchBackend
+from dcpserve.kernels.indexer import indexer_scores, topk_ordered
+from dcpserve.kernels.kv_write import write_index_keys, write_latent
+from dcpserve.kernels.mla_decode import mla_decode
+from dcpserve.kernels.mla_prefill import mla_prefill
+from dcpserve.kernels.mla_sparse_decode import mla_sparse_decode
+from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+
+    def write_latent(self, cache: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor, fmt: LatentFormat) -> None:
+        write_latent(cache, rows, kv, fmt.fp8, fmt.kv_lora_rank, fmt.rope_dim)
+
+    def write_index(self, cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, fmt: IndexKeyFormat) -> None:
+        write_index_keys(cache, rows, k, fmt.fp8)
+
+    def decode(self, q, cache, block_table, lens, page_size, scale, fmt: LatentFormat, max_len):
+        return mla_decode(q, cache, block_table, lens, page_size, scale, fmt.kv_lora_rank, fmt.rope_dim, fmt.fp8,
+                          max_len=max_len)
+
+    def sparse_decode(self, q, cache, rows, counts, scale, fmt: LatentFormat):
+        return mla_sparse_decode(q, cache, rows.to(torch.int32), counts.to(torch.int32), scale, fmt.kv_lora_rank,
+                                 fmt.rope_dim, fmt.fp8)
+
+    def prefill(self, q, kv, cu_q, cu_k, q_pos, scale, fmt: LatentFormat, topk_pos):
+        dev = q.device
+        cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=dev)
+        cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=dev)
+        max_q = max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0)
+        return mla_prefill(q.contiguous(), kv.contiguous(), cu_q_t, cu_k_t, q_pos.to(torch.int32), scale,
+                           fmt.kv_lora_rank, fmt.rope_dim, False, topk_pos, max_q_len=max_q)
+
+    def index_scores(self, q, w, cache, block_table, lens, page_size, scale, fmt: IndexKeyFormat, max_len):
+        hi, di = q.shape[1], q.shape[2]
+        if hi < 16 or not _pow2(hi) or not _pow2(di) or di < (64 if fmt.fp8 else 16):
+            return super().index_scores(q, w, cache, block_table, lens, page_size, scale, fmt, max_len)
+        return indexer_scores(q.contiguous(), w.float().contiguous(), cache, block_table, lens, page_size, scale,
+                              fmt.fp8, max_len=max_len)
+
+    def topk(self, scores, positions, k):
+        return topk_ordered(scores, positions, k)
