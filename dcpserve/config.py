@@ -256,6 +256,11 @@ class EngineArgs:
                 raise ConfigError(msg)
         if self.num_layers is not None and not (1 <= self.num_layers):
             raise ConfigError("--num-layers must be >= 1")
+        if self.attention_backend == "triton":
+            pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
+            if not (pow2(cfg.kv_lora_rank) and pow2(cfg.qk_rope_head_dim)):
+                raise ConfigError("--attention-backend triton needs kv_lora_rank and qk_rope_head_dim to be powers of "
+                                  f"two >= 16 (got {cfg.kv_lora_rank}, {cfg.qk_rope_head_dim}): use --attention-backend torch")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

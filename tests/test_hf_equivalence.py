@@ -9,9 +9,9 @@ from dcpserve.engine.llm import LLM
 from dcpserve.engine.sampler import SamplingParams
 from tests.hf_models import ENGINE_DEFAULTS, NEW_TOKENS, PROMPTS
 
-# fp32 on CPU: the absorbed MLA form and the engine's reduction orders differ from transformers' by float
-# rounding only (measured ~1e-5); 2e-3 leaves room while staying far below the logit gaps that decide tokens.
-LOGIT_TOL = 2e-3
+# fp32: the absorbed MLA form and the engine's reduction orders differ from transformers' by float
+# rounding only (measured ~1e-5); 5e-4 leaves room and stays below the smallest logit gap that decides a token.
+LOGIT_TOL = 5e-4
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]
 CASES = [("v32", tp, d, comm, idx) for tp, d in LAYOUTS

@@ -102,7 +102,9 @@ class TorchBackend:
         s = torch.relu(torch.einsum("bhd,bld->bhl", q.float(), keys) * scale)
         return torch.einsum("bh,bhl->bl", w.float(), s).masked_fill(~valid, float("-inf"))
 
-    def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int,
+             sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k set by (score desc, position asc); sorted in that order unless `sort=False` (then any order)."""
         return ordered_topk(scores, positions, k)
 
 

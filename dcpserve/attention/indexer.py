@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class TopK(Protocol):
-    def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int,
+             sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -45,26 +46,31 @@ PREFILL_SCORE_CHUNK = 256
 def select_sharded(ps: ParallelState, be: TopK, scores: torch.Tensor, local_pos: torch.Tensor, k: int) -> torch.Tensor:
     """Exact distributed top-k: local top-k of this rank's scores, all-gather (score, position) candidates,
     the same global top-k on every rank. Returns positions [B, k] (PAD_POS where fewer exist)."""
-    cand_s, cand_p = be.topk(scores, local_pos.masked_fill(scores == float("-inf"), PAD_POS), k)
+    # Only the set matters downstream (compact_owned), so neither top-k sorts its winners.
+    cand_s, cand_p = be.topk(scores, local_pos.masked_fill(scores == float("-inf"), PAD_POS), k, sort=False)
     if ps.dcp_size == 1:
         return cand_p
     gathered = dcp_all_gather(ps, pack_candidates(cand_s, cand_p))  # [d, B, k, 2]
     all_s, all_p = unpack_candidates(gathered.permute(1, 0, 2, 3).reshape(scores.shape[0], -1, 2))
-    return be.topk(all_s, all_p, k)[1]
+    return be.topk(all_s, all_p, k, sort=False)[1]
 
 
 def compact_owned(top: torch.Tensor, fb: ForwardBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selected global positions [B, k] -> (this rank's local rows, compacted to the front [B, k], counts [B]).
-    No host sync: rows of non-owned or padding entries are pushed behind the count and never read."""
+    """Selected global positions [B, k] (any order, PAD_POS for none) -> (this rank's local rows compacted to
+    the front [B, k], counts [B]). No host sync and no sort: each owned entry's slot is a prefix count.
+    Entries behind the count are never read."""
     lay = fb.layout
-    valid = (torch.arange(k, device=top.device)[None, :] < torch.clamp(fb.ctx_lens, max=k)[:, None]) & (top != PAD_POS)
+    valid = top != PAD_POS
     pos = torch.where(valid, top, torch.zeros_like(top))
     owned = valid & (lay.owner_of_position(pos) == fb.dcp_rank)
     gps = lay.global_page_slots
     pages = torch.gather(fb.block_table, 1, torch.clamp(pos // gps, max=fb.block_table.shape[1] - 1)).long()
     rows = lay.local_row(pages * gps + pos % gps)
-    order = torch.sort((~owned).to(torch.int8), dim=1, stable=True).indices
-    return torch.gather(rows, 1, order), owned.sum(1)
+    slot = torch.cumsum(owned.to(torch.int32), dim=1) - 1
+    dest = torch.where(owned, slot.long(), torch.full_like(pos, k))  # non-owned go to a spill column
+    out = torch.zeros(top.shape[0], k + 1, dtype=rows.dtype, device=top.device)
+    out.scatter_(1, dest, rows)
+    return out[:, :k], owned.sum(1)
 
 
 def causal_topk_positions(be: TopK, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, k: int) -> torch.Tensor:

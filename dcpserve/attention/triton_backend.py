@@ -50,5 +50,5 @@ class TritonBackend(TorchBackend):
         return indexer_scores(q.contiguous(), w.float().contiguous(), cache, block_table, lens, page_size, scale,
                               fmt.fp8, max_len=max_len)
 
-    def topk(self, scores, positions, k):
-        return topk_ordered(scores, positions, k)
+    def topk(self, scores, positions, k, sort: bool = True):
+        return topk_ordered(scores, positions, k, sort)

@@ -36,6 +36,7 @@ class Result:
     num_layers: int
     kv_tokens: int
     output_ids: list[list[int]]
+    logits: list[torch.Tensor] | None = None  # sequence 0's logits per step (with --logits)
 
 
 def prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -44,33 +45,58 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]
 
 
 def run_one(args: EngineArgs, label: str, batch: int, input_len: int, output_len: int, seed: int,
-            warmup: bool = True) -> Result:
-    eng = LLMEngine(args)
+            warmup: bool = True, logits: bool = False) -> Result:
+    eng = LLMEngine(args, record_logits=logits)
     try:
         ps = prompts(batch, input_len, eng.cfg.vocab_size, seed)
         params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-        if warmup:  # compiles kernels and captures the decode graphs this run will use
-            for i, p in enumerate(ps):
-                eng.add_request(f"w{i}", p, SamplingParams(max_tokens=min(output_len, 8), ignore_eos=True))
-            while eng.has_unfinished():
-                eng.step()
+        if warmup:
+            # Compile kernels and capture the decode graphs this run will use: other prompts (no prefix-cache
+            # hits later), one at the run's first context length and one at its last.
+            short = prompts(batch, input_len, eng.cfg.vocab_size, seed + 1)
+            long = prompts(batch, max(input_len + output_len - 8, 1), eng.cfg.vocab_size, seed + 2)
+            for tag, group in (("ws", short), ("wl", long)):
+                for i, p in enumerate(group):
+                    eng.add_request(f"{tag}{i}", p, SamplingParams(max_tokens=min(output_len, 8), ignore_eos=True))
+                while eng.has_unfinished():
+                    eng.step()
         t0 = time.perf_counter()
         for i, p in enumerate(ps):
             eng.add_request(str(i), p, params)
         first: dict[str, float] = {}
         outs: dict[str, list[int]] = {str(i): [] for i in range(batch)}
+        seq0_logits: list[torch.Tensor] = []
         while eng.has_unfinished():
             for o in eng.step():
                 outs[o.req_id] += o.new_token_ids
                 first.setdefault(o.req_id, time.perf_counter())
+                if o.req_id == "0" and o.logits is not None:
+                    seq0_logits.append(o.logits)
         t1 = time.perf_counter()
         ttft = max(first.values()) - t0  # the batch's prefill is done when the last first token arrives
         tpot = (t1 - t0 - ttft) / max(output_len - 1, 1)
         return Result(label, args.tp, args.dcp, batch, input_len, output_len, ttft * 1e3, tpot * 1e3,
                       batch / tpot if tpot > 0 else 0.0, t1 - t0, eng.cfg.num_hidden_layers, eng.capacity_tokens,
-                      [outs[str(i)] for i in range(batch)])
+                      [outs[str(i)] for i in range(batch)], seq0_logits or None)
     finally:
         eng.shutdown()
+
+
+def divergence(ref: Result, other: Result) -> dict:
+    """Where sequence 0's greedy tokens first differ, how close the reference's top-2 logits were there, and how
+    far the two runs' logits were apart before it: a mismatch at a gap smaller than that noise is a near-tie
+    (bf16 rounding), not a wrong result."""
+    a, b = ref.output_ids[0], other.output_ids[0]
+    m = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), None)
+    out: dict = {"seq0_first_mismatch": m}
+    if ref.logits and other.logits:
+        upto = len(ref.logits) if m is None else m + 1
+        diffs = [float((x - y).abs().max()) for x, y in zip(ref.logits[:upto], other.logits[:upto])]
+        out["max_logit_diff_until_mismatch"] = max(diffs) if diffs else 0.0
+        if m is not None:
+            top2 = ref.logits[m].topk(2).values
+            out["ref_top2_gap_at_mismatch"] = float(top2[0] - top2[1])
+    return out
 
 
 def first_mismatch(a: list[list[int]], b: list[list[int]]) -> int | None:
@@ -89,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--compare", default="", help="extra configs 'name:flag=value,flag=value;...' checked for equal tokens")
+    p.add_argument("--logits", action="store_true", help="record logits to explain token mismatches")
     p.add_argument("--out", default=None, help="JSON output file")
     ns = p.parse_args(argv)
     base = EngineArgs.from_cli(ns)
     results: list[Result] = []
     for d in [int(x) for x in ns.dcp_list.split(",")]:
         a = EngineArgs(**{**asdict(base), "dcp": d})
-        results.append(run_one(a, f"tp{a.tp}-dcp{d}", ns.batch, ns.input_len, ns.output_len, a.seed))
+        results.append(run_one(a, f"tp{a.tp}-dcp{d}", ns.batch, ns.input_len, ns.output_len, a.seed,
+                               logits=ns.logits))
         print(f"done {results[-1].label}: TTFT {results[-1].ttft_ms:.1f} ms, TPOT {results[-1].tpot_ms:.3f} ms", flush=True)
     for spec in filter(None, ns.compare.split(";")):
         name, _, flags = spec.partition(":")
@@ -106,16 +134,20 @@ def main(argv: list[str] | None = None) -> int:
             cur = getattr(base, field)
             over[field] = type(cur)(v) if cur is not None and not isinstance(cur, bool) else (v == "true" if isinstance(cur, bool) else v)
         a = EngineArgs(**{**asdict(base), "dcp": int(over.pop("dcp", base.dcp)), **over})
-        results.append(run_one(a, name, ns.batch, ns.input_len, ns.output_len, a.seed))
+        results.append(run_one(a, name, ns.batch, ns.input_len, ns.output_len, a.seed, logits=ns.logits))
         print(f"done {name}", flush=True)
     ref = results[0]
-    base_tpot = {r.tp: r.tpot_ms for r in results if r.dcp == 1}
+    base_tpot: dict[int, float] = {}
+    for r in results:  # the first DCP=1 row of each TP size is the baseline
+        if r.dcp == 1:
+            base_tpot.setdefault(r.tp, r.tpot_ms)
     rows = []
     for r in results:
         mm = first_mismatch(ref.output_ids, r.output_ids)
         added = (r.tpot_ms - base_tpot[r.tp]) * 1e3 / r.num_layers if r.tp in base_tpot else None
-        rows.append({**{k: v for k, v in asdict(r).items() if k != "output_ids"},
-                     "added_us_per_layer": added, "tokens_equal_to_first": mm is None, "first_mismatch": mm})
+        rows.append({**{k: v for k, v in asdict(r).items() if k not in ("output_ids", "logits")},
+                     "added_us_per_layer": added, "tokens_equal_to_first": mm is None, "first_mismatch": mm,
+                     **divergence(ref, r)})
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report = {"date": time.strftime("%Y-%m-%d"), "device": gpu, "argv": argv, "rows": rows}
     if ns.out:
@@ -126,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         added = f"{r['added_us_per_layer']:.1f}" if r["added_us_per_layer"] is not None else "-"
         eq = "yes" if r["tokens_equal_to_first"] else f"no (@{r['first_mismatch']})"
+        if "ref_top2_gap_at_mismatch" in r:
+            eq += f" gap {r['ref_top2_gap_at_mismatch']:.3f} vs noise {r['max_logit_diff_until_mismatch']:.3f}"
         print(f"{r['label']:<22}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.3f}{r['decode_tok_s']:>10.1f}{added:>11}"
               f"{r['kv_tokens']:>12,}  {eq}")
     return 0

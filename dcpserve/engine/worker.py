@@ -87,6 +87,7 @@ class ModelRunner:
                 if hasattr(layer.mlp, "fused"):
                     layer.mlp.fused = True
         self.sampler = Sampler()
+        self.profiler = DecodeProfiler.from_env(ps.rank)
         self.graphs = None
         if dev.type == "cuda" and args.attention_backend == "triton" and not args.disable_cuda_graph:
             from dcpserve.engine.cuda_graph import DecodeGraphs
@@ -109,6 +110,8 @@ class ModelRunner:
         return int(t.item())
 
     def step(self, req: StepRequest) -> tuple[list[int | None], torch.Tensor | None]:
+        if self.profiler is not None:
+            self.profiler.tick(req.plan.is_decode)
         for rid in req.forget:
             self.sampler.forget(rid)
         fb = build_forward_batch(req.plan, self.layout, self.ps.dcp_rank, self.pool.dummy_row,
@@ -126,6 +129,41 @@ class ModelRunner:
             for i, t in zip(idx, sampled):
                 tokens[i] = t
         return tokens, (logits.cpu() if req.want_logits else None)
+
+
+class DecodeProfiler:
+    """DCPSERVE_PROFILE_DIR=dir: rank 0 records decode steps [20, 30) with torch.profiler and writes the
+    per-kernel table (sorted by device time) there. For finding where a step's time goes, not for timing."""
+
+    START, STOP = 20, 30
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.decodes, self.prof = out_dir, 0, None
+
+    @classmethod
+    def from_env(cls, rank: int) -> "DecodeProfiler | None":
+        d = os.environ.get("DCPSERVE_PROFILE_DIR")
+        return cls(d) if d and rank == 0 else None
+
+    def tick(self, is_decode: bool) -> None:
+        if not is_decode:
+            return
+        if self.decodes == self.START:
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        elif self.decodes == self.STOP and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            os.makedirs(self.out_dir, exist_ok=True)
+            path = os.path.join(self.out_dir, f"profile_{os.getpid()}.txt")
+            with open(path, "w") as f:
+                f.write(self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60))
+            self.prof = None
+        self.decodes += 1
 
 
 def _die_with_parent() -> None:

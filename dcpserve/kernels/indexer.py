@@ -270,11 +270,13 @@ def _pad_to_k(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[to
             torch.cat([positions, positions.new_full(shape, PAD_POS)], dim=-1))
 
 
-def topk_ordered(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by (score desc, position asc) along the last dim; see module docstring for the limits."""
+def topk_ordered(scores: torch.Tensor, positions: torch.Tensor, k: int,
+                 sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k by (score desc, position asc) along the last dim; see module docstring for the limits.
+    `sort=False` returns the same set in no particular order (skips sorting the k winners)."""
     scores, positions = _pad_to_k(scores, positions.long(), k)
     keys = _pack_keys(scores, positions)
-    idx = torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
+    idx = torch.topk(keys, k, dim=-1, largest=True, sorted=sort).indices
     # Values come from the inputs themselves (not the keys), so they are returned bit for bit.
     return torch.gather(scores, -1, idx), torch.gather(positions.long(), -1, idx)
 

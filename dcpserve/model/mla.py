@@ -154,7 +154,7 @@ class MLA(nn.Module):
             scores = be.index_scores(idx_q, idx_w, cache, fb.block_table, fb.ctx_lens, lay.global_page_slots,
                                      self.indexer.scale, pool.index_fmt, fb.max_ctx_len)
             pos = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
-            _, top = be.topk(scores, pos.masked_fill(scores == float("-inf"), PAD_POS), k)
+            _, top = be.topk(scores, pos.masked_fill(scores == float("-inf"), PAD_POS), k, sort=False)
         else:
             scores = be.index_scores(idx_q, idx_w, cache, fb.block_table, fb.local_lens, lay.page_size,
                                      self.indexer.scale, pool.index_fmt, fb.max_local_len)

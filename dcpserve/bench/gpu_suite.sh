@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks for issue 4, run on the lent 4-GPU machine:  bash dcpserve/bench/gpu_suite.sh PART...
+# PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
+# benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
+# device time of a decode step, DCP1 vs DCP4, eager), perf (end-to-end table), hfcmp (transformers vs dcpserve,
+# one GPU). Everything lands in $OUT: log.txt and one JSON/txt per part.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
+BENCH="--model-path builtin:deepseek-v3.2 --load-format dummy --tp 4 --attention-backend triton --kv-mem-gb 8"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$LOG"
+for part in "$@"; do
+  echo "=== $part $(date +%T)" | tee -a "$LOG"
+  case "$part" in
+  hf)
+    SEL="v32-1-1 or v32-2-2-a2a-sharded or v32-4-4-ag_rs-replicated or v32-4-2-a2a-sharded or v3-4-2 or fp8-4-2"
+    timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py -k "$SEL" 2>&1 | tail -3 | tee -a "$LOG"
+    DCPSERVE_TEST_BACKEND=triton timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py \
+        tests/test_triton_backend.py -k "$SEL or triton_backend" 2>&1 | tail -8 | tee -a "$LOG" ;;
+  check)
+    timeout 240 python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 2 --input-len 2100 \
+        --output-len 24 --logits --out "$OUT/check.json" \
+        --compare "torch-dcp1-eager:dcp=1,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager:dcp=4,disable_cuda_graph=true;triton-dcp4-repl-ag_rs:dcp=4,dcp_indexer=replicated,dcp_comm=ag_rs" \
+        2>&1 | tail -9 | tee -a "$LOG" ;;
+  profile)
+    for d in 1 4; do
+      rm -rf /tmp/prof; DCPSERVE_PROFILE_DIR=/tmp/prof timeout 120 python -m dcpserve.bench.engine $BENCH --num-layers 4 \
+          --dcp $d --batch 2 --input-len 2100 --output-len 40 --disable-cuda-graph 2>&1 | tail -2 | tee -a "$LOG"
+      cp /tmp/prof/*.txt "$OUT/profile_dcp$d.txt"
+    done ;;
+  perf)
+    timeout 300 python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 1 --input-len 4096 \
+        --output-len 1536 --out "$OUT/e2e.json" 2>&1 | tail -7 | tee -a "$LOG" ;;
+  hfcmp)
+    timeout 200 python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out "$OUT/hf.json" \
+        2>&1 | tail -6 | tee -a "$LOG" ;;
+  esac
+done
