@@ -22,6 +22,11 @@ for part in "$@"; do
         --output-len 24 --logits --out "$OUT/check.json" \
         --compare "torch-dcp1-eager:dcp=1,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager:dcp=4,disable_cuda_graph=true;triton-dcp4-repl-ag_rs:dcp=4,dcp_indexer=replicated,dcp_comm=ag_rs" \
         2>&1 | tail -9 | tee -a "$LOG" ;;
+  check32)  # fp32 weights and activations: no bf16 near-ties, so greedy tokens must agree everywhere
+    timeout 170 python -m dcpserve.bench.engine $BENCH --dtype float32 --num-layers 4 --dcp 1,2,4 --batch 2 \
+        --input-len 2100 --output-len 12 --logits --out "$OUT/check32.json" \
+        --compare "torch-dcp4-eager:dcp=4,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager-repl-ag_rs:dcp=4,disable_cuda_graph=true,dcp_indexer=replicated,dcp_comm=ag_rs" \
+        2>&1 | tail -9 | tee -a "$LOG" ;;
   profile)
     for d in 1 4; do
       rm -rf /tmp/prof; DCPSERVE_PROFILE_DIR=/tmp/prof timeout 120 python -m dcpserve.bench.engine $BENCH --num-layers 4 \

@@ -79,10 +79,15 @@ class TileConfig:
     num_stages: int
 
 
-def default_tile(n_heads: int, fp8: bool) -> TileConfig:
+def default_tile(n_heads: int, fp8: bool, fp32: bool = False) -> TileConfig:
     if interpreting():
         # The interpreter runs every program serially in numpy: small tiles keep tests fast and still loop.
         return TileConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
+    if fp32:
+        # fp32 operands (an fp32 cache: exactness checks, not serving) take twice the shared memory of the
+        # bf16 tiles below, which then exceed the 227 KB limit at kv_lora 512 (measured on H200: 304 KB
+        # requested). 32 heads x 16 keys, one stage: q 72 KB + k 36 KB.
+        return TileConfig(block_h=max(16, min(32, next_pow2(n_heads))), block_n=16, num_warps=4, num_stages=1)
     # 64 heads x 512 fp32 accumulator = 128 registers/thread at 8 warps (as in FlashMLA): one wgmma
     # M=64 tile per warpgroup pair; 128 heads would need 256 registers/thread and spill.
     # BLOCK_N 64 with 2 stages: cp.async double-buffered K tiles (2 x 72 KB) + q (72 KB) fit in 227 KB of

@@ -115,7 +115,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     b, n_heads, width = q.shape
     if width != kv_lora_rank + rope_dim or q.stride(2) != 1:
         raise ValueError(f"q must be [B, Hq, {kv_lora_rank + rope_dim}] with contiguous last dim")
-    cfg = config or default_tile(n_heads, fp8)
+    cfg = config or default_tile(n_heads, fp8, fp32=not fp8 and cache.dtype == torch.float32)
     head_blocks = triton.cdiv(n_heads, cfg.block_h)
     if num_splits is None:
         bound = max_len if max_len is not None else block_table.shape[1] * page_size

@@ -87,8 +87,11 @@ def _mla_prefill_kernel(q_ptr, kv_ptr, cu_q_ptr, cu_k_ptr, qpos_ptr, topk_ptr, t
     finish_rows(o_ptrs, lse_ptr + tok64 * stride_lt + heads, row_ok, m_i, l_i, acc)
 
 
-def prefill_tile(n_heads: int, sparse: bool) -> tuple[int, int, int, int, int]:
+def prefill_tile(n_heads: int, sparse: bool, fp32: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_N, num_warps, num_stages). M = BLOCK_T * BLOCK_H rows per program."""
+    if fp32 and not interpreting():  # fp32 operands: half the rows and keys so the tiles fit shared memory
+        block_h = max(16, min(32, next_pow2(n_heads)))
+        return (1 if sparse else max(1, 32 // block_h)), block_h, 16, 4, 1
     rows = 16 if interpreting() else 64
     block_h = min(rows, next_pow2(n_heads)) if not sparse else max(16, min(rows, next_pow2(n_heads)))
     block_t = 1 if sparse else max(1, rows // block_h)
@@ -115,7 +118,7 @@ def mla_prefill(q: torch.Tensor, kv: torch.Tensor, cu_q: torch.Tensor, cu_k: tor
     n_seq = cu_q.shape[0] - 1
     if t == 0 or n_seq == 0:
         return out, lse
-    block_t, block_h, block_n, warps, stages = prefill_tile(n_heads, sparse)
+    block_t, block_h, block_n, warps, stages = prefill_tile(n_heads, sparse, fp32=not fp8 and kv.dtype == torch.float32)
     if config is not None:
         block_h, block_n, warps, stages = config.block_h, config.block_n, config.num_warps, config.num_stages
         block_t = 1 if sparse else max(1, (16 if interpreting() else 64) // block_h)

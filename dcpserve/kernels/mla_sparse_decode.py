@@ -86,7 +86,7 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
         raise ValueError(f"q must be [B, Hq, {kv_lora_rank + rope_dim}] with contiguous last dim")
     if rows.dim() != 2 or rows.shape[0] != b or rows.stride(1) != 1:
         raise ValueError("rows must be [B, kmax] with contiguous last dim")
-    cfg = config or default_tile(n_heads, fp8)
+    cfg = config or default_tile(n_heads, fp8, fp32=not fp8 and cache.dtype == torch.float32)
     head_blocks = triton.cdiv(n_heads, cfg.block_h)
     if num_splits is None:
         num_splits = choose_num_splits(b, head_blocks, rows.shape[1], cfg.block_n, num_sms(q.device))
