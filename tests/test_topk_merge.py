@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dcpserve.attention.backend import TorchBackend
 from dcpserve.attention.indexer import causal_topk_positions, pack_candidates, unpack_candidates
 from dcpserve.attention.merge import merge_partials, merge_weights, sanitize_lse
-from dcpserve.attention.topk import PAD_POS, ordered_topk, select_count
+from dcpserve.attention.topk import PAD_POS, ordered_topk
 from dcpserve.kv.layout import SlotLayout
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,10 +115,6 @@ def test_ordered_topk_batched_rows_are_independent(sets, k):
         bs, bp = brute_topk(S[i].tolist(), P[i].tolist(), k)
         assert tp[i].tolist() == bp
         assert ts[i].tolist() == bs
-
-
-def test_select_count():
-    assert select_count(torch.tensor([0, 1, 5, 10, 100]), 5).tolist() == [0, 1, 5, 5, 5]
 
 
 @st.composite

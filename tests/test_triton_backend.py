@@ -2,8 +2,6 @@
 the same greedy tokens as transformers, at DCP 1 and 2, sparse and dense attention, fp32 and fp8 caches."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytest.importorskip("triton")

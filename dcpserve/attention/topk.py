@@ -31,8 +31,3 @@ def ordered_topk(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple
     p1 = torch.gather(positions, -1, pos_order)
     score_order = torch.sort(s1, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.gather(s1, -1, score_order), torch.gather(p1, -1, score_order)
-
-
-def select_count(context_len: torch.Tensor, k: int) -> torch.Tensor:
-    """How many tokens a query selects: min(k, causal context length)."""
-    return torch.clamp(context_len, max=k)

@@ -31,23 +31,11 @@ from typing import Any, Callable
 
 import torch
 
+from dcpserve.bench.timing import Budget, bench_ms
+
 KV_LORA, ROPE, HEADS, PAGE = 512, 64, 128, 64
 SCALE = 192 ** -0.5
 FLOP_PER_HEAD_KEY = 2 * (KV_LORA + ROPE) + 2 * KV_LORA  # q.k over 576 dims + p.v over 512
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.end = time.time() + seconds
-
-    def left(self) -> float:
-        return self.end - time.time()
-
-
-def bench_ms(fn: Callable[[], Any]) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
 def bench_graph_ms(fn: Callable[[], Any]) -> float | None:

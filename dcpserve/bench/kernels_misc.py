@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+from dcpserve.bench.timing import Budget, bench_ms
+
 if not torch.cuda.is_available() and "--tiny" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -44,28 +46,6 @@ from dcpserve.model.moe import MoE  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.end = time.time() + seconds
-
-    def left(self) -> float:
-        return self.end - time.time()
-
-
-def bench_ms(fn: Callable[[], Any]) -> float:
-    """Median ms: triton's do_bench on CUDA (L2 flushed between runs), a plain timer on CPU."""
-    if CUDA:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"))
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[0]
 
 
 def graph_ms(fn: Callable[[], Any]) -> float | None:

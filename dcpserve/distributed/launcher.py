@@ -3,7 +3,6 @@ group at once, with its error message, and every other rank is terminated: no ha
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import socket
 from multiprocessing.connection import wait
 
@@ -107,7 +106,3 @@ class RankGroup:
 
     def alive(self) -> bool:
         return not self.closed and all(p.is_alive() for p in self.procs)
-
-
-def pid_list(group: RankGroup) -> list[int]:
-    return [p.pid for p in group.procs if p.pid is not None and p.pid != os.getpid()]

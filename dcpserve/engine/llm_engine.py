@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,11 +32,8 @@ class StepOutput:
 @dataclass
 class EngineStats:
     steps: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # computed by prefill steps (recomputation after preemption included)
     decode_tokens: int = 0
-    preemptions: int = 0
-    last_batch: int = 0
-    history: list[tuple[float, int]] = field(default_factory=list)
 
 
 def load_model_config(args: EngineArgs) -> ModelConfig:
@@ -151,8 +148,6 @@ class LLMEngine:
             s.decode_tokens += n
         else:
             s.prefill_tokens += n
-        s.last_batch = len(step.seqs)
-        s.preemptions = self.scheduler.num_preemptions
 
     def alive(self) -> bool:
         return self.ranks.alive()

@@ -72,7 +72,7 @@ class LatentFormat:
         """storage rows -> [n, kv_lora + rope] in `self.dtype`."""
         if not self.fp8:
             return rows.to(self.dtype)
-        n, r = rows.shape[0], self.kv_lora_rank
+        r = self.kv_lora_rank
         q = rows[:, :r].contiguous().view(FP8).float()
         scale = rows[:, r : r + 4 * self.n_scales].contiguous().view(torch.float32)
         nope = q * scale.repeat_interleave(self.block, dim=1)[:, :r]

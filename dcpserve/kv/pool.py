@@ -72,15 +72,6 @@ class KVPool:
             [self.index_fmt.empty(self.index_rows + 1, device) for _ in range(num_layers)] if self.index_fmt else []
         )
 
-    def write_latent(self, layer: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
-        self.latent[layer][rows] = self.latent_fmt.encode(kv)
-
-    def read_latent(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        return self.latent_fmt.decode(self.latent[layer][rows])
-
-    def write_index(self, layer: int, rows: torch.Tensor, k: torch.Tensor) -> None:
-        self.index_keys[layer][rows] = self.index_fmt.encode(k)
-
     def read_index(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         return self.index_fmt.decode(self.index_keys[layer][rows])
 

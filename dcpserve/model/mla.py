@@ -147,7 +147,7 @@ class MLA(nn.Module):
 
     def _decode_select(self, fb: ForwardBatch, rt: AttnRuntime, idx_q, idx_w) -> tuple[torch.Tensor, torch.Tensor]:
         """Compacted local rows [B, k] and counts [B] of the owned tokens in each sequence's global top-k."""
-        c, pool, be, lay, k = self.cfg, rt.pool, rt.backend, fb.layout, self.cfg.index_topk
+        pool, be, lay, k = rt.pool, rt.backend, fb.layout, self.cfg.index_topk
         cache = pool.index_keys[self.layer]
         if pool.indexer_replicated:
             # Every rank holds every key, at its global slot: a paged pool with page size page_size * d.
