@@ -34,9 +34,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         t1 = time.time()
         out = llm.generate([prompt], params)[0]
         t2 = time.time()
+        model_path = llm.args.model_path  # resolved (embedded default or builtin:NAME)
     n = len(out["output_ids"])
     if not ns.json:
-        print(f"model: {args.model_path}  tp={args.tp} dcp={args.dcp} kv={args.kv_cache_dtype}")
+        print(f"model: {model_path}  tp={args.tp} dcp={args.dcp} kv={args.kv_cache_dtype}")
         if "text" in out:
             print(f"output text: {out['text']!r}")
         print(f"output ids: {out['output_ids']}")
