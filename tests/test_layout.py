@@ -255,7 +255,7 @@ def owned_rows_and_pos(fb, lay, r, i):
     """The rows (and positions) rank r reads for sequence i: decode reads its whole context through the block
     table (the paged kernels' view), prefill the cached prefix rows it sends to the gather."""
     if not fb.is_decode:
-        return fb.own_rows[i], fb.own_pos[i]
+        return fb.own_rows[i], lay.local_positions(fb.seqs[i].start, r)
     from dcpserve.attention.backend import paged_rows
     from dcpserve.attention.topk import PAD_POS
 
@@ -270,7 +270,7 @@ def owned_rows_and_pos(fb, lay, r, i):
 @given(step_plans())
 def test_simulated_pools_roundtrip(args):
     """Simulate every rank's latent pool (rows + 1 rows, the last one the dummy): write each token's global
-    position at its write row on every rank, then read own_rows: each rank reads back exactly own_pos, nobody
+    position at its write row on every rank, then read own_rows: each rank reads back exactly its owned positions, nobody
     ever reads the dummy row, and together the ranks hold every position of every context exactly once."""
     lay, num_pages, plan, _ = args
     rows = num_pages * lay.page_size

@@ -81,7 +81,6 @@ class DecodeGraphs:
             index_write_rows=torch.full((bs,), self.index_dummy_row, dtype=torch.long, device=dev),
             cu_new=list(range(bs + 1)),
             own_rows=[],
-            own_pos=[],
             last_idx=torch.arange(bs, device=dev),
             block_table=torch.zeros(bs, pages, dtype=torch.int32, device=dev),
             ctx_lens=z(torch.int32),

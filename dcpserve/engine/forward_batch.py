@@ -40,10 +40,9 @@ class ForwardBatch:
     write_rows: torch.Tensor  # [T] local latent rows; the dummy row for tokens owned elsewhere
     index_write_rows: torch.Tensor  # [T] rows of the indexer cache (global slots when it is replicated)
     cu_new: list[int]  # token offsets of each sequence in the flat batch
-    # Prefill only: rows this rank owns of each sequence's cached prefix, ascending by position, and those
-    # positions (what the prefix gather sends). Empty lists in decode.
+    # Prefill only: rows this rank owns of each sequence's cached prefix, ascending by position (what the
+    # prefix gather sends; the positions are layout.local_positions(start, rank)). Empty in decode.
     own_rows: list[torch.Tensor]
-    own_pos: list[torch.Tensor]
     last_idx: torch.Tensor  # [B] index of each sequence's last token in the flat batch
     # Batched (padded) views for the paged kernels.
     block_table: torch.Tensor  # [B, max_pages] global page ids (0-padded; never read past the lengths)
@@ -65,7 +64,7 @@ class ForwardBatch:
 def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy_row: int, index_dummy_row: int,
                         indexer_replicated: bool, device: torch.device) -> ForwardBatch:
     positions, write_rows, index_rows, cu = [], [], [], [0]
-    own_rows, own_pos, local_lens = [], [], []
+    own_rows, local_lens = [], []
     for s in plan.seqs:
         bt = torch.tensor(s.block_table, dtype=torch.long)
         pos = torch.arange(s.start, s.ctx_len, dtype=torch.long)
@@ -79,7 +78,6 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
             local_lens.append(layout.local_count(s.ctx_len, dcp_rank))
         else:  # prefill gathers the cached prefix's rows from the group
             opos = layout.local_positions(s.start, dcp_rank)
-            own_pos.append(opos.to(device))
             own_rows.append(layout.local_rows_of_positions(bt, opos).to(device))
             local_lens.append(len(opos))
         cu.append(cu[-1] + s.num_new)
@@ -98,7 +96,6 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         index_write_rows=cat(index_rows),
         cu_new=cu,
         own_rows=own_rows,
-        own_pos=own_pos,
         last_idx=torch.tensor([c - 1 for c in cu[1:]], dtype=torch.long, device=device),
         block_table=table.to(device),
         ctx_lens=torch.tensor([s.ctx_len for s in plan.seqs], dtype=torch.int32, device=device),

@@ -26,7 +26,6 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     logits: torch.Tensor | None = None
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -125,7 +124,7 @@ class LLMEngine:
                 self.seqs.pop(seq.req_id, None)
                 self._forget.append(seq.req_id)
             outs.append(StepOutput(seq.req_id, [tok], reason is not None, reason,
-                                   logits[i] if logits is not None else None, seq.cached_tokens))
+                                   logits[i] if logits is not None else None))
         return outs
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
