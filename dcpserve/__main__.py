@@ -23,7 +23,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     args = EngineArgs.from_cli(ns)
     if ns.input_ids is None and ns.prompt is None:
-        ns.prompt = "Hello, DCP!"
+        ns.prompt = "the code of sini is 97 . the cat sees a red house . question : what is the code of sini ? answer :"
     t0 = time.time()
     with LLM(**vars(args)) as llm:
         prompt = ns.input_ids if ns.input_ids is not None else ns.prompt

@@ -1,5 +1,6 @@
-"""Small checkpoints made by the project: the embedded default model (so the README's main command runs
-offline) and the tensor-name/shape map of a DeepSeek checkpoint, shared by the writer and the tests."""
+"""Small checkpoints made by the project: where the embedded default model lives (so the README's main command
+runs offline), random-weight tiny models for tests, and the tensor-name/shape map of a DeepSeek checkpoint,
+shared by the writer and the tests."""
 from __future__ import annotations
 
 import json
@@ -183,18 +184,14 @@ def byte_tokenizer_json(vocab_size: int, specials: list[str]) -> str:
 TINY_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 
 
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo-v32")
+
+
 def default_model_path() -> str:
-    """The embedded default: made once from a fixed seed under ~/.cache/dcpserve (no download)."""
-    path = os.path.join(cache_root(), "tiny-v32-random-v1")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    tmp = path + f".tmp{os.getpid()}"
-    cfg = ModelConfig.from_dict(TINY_V32_CONFIG)
-    write_checkpoint(tmp, TINY_V32_CONFIG, random_weights(cfg, seed=1234, gain=2.0))
-    with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
-        f.write(byte_tokenizer_json(cfg.vocab_size, TINY_SPECIALS))
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        pass  # another process made it first
-    return path
+    """The embedded default: the demo model trained by `dcpserve.train` on the long-context retrieval task,
+    shipped in the package (no download)."""
+    if not os.path.isfile(os.path.join(DEMO_MODEL_DIR, "model.safetensors")):
+        from dcpserve.config import ConfigError
+
+        raise ConfigError(f"the embedded demo model is missing from {DEMO_MODEL_DIR}: reinstall dcpserve")
+    return DEMO_MODEL_DIR
