@@ -26,9 +26,10 @@ class TopK(Protocol):
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [n, Hi, Di], w [n, Hi] (weights_proj output, already scaled by Hi^-0.5), keys [m, Di] -> [n, m] fp32."""
-    s = torch.relu(torch.einsum("nhd,md->nhm", q.float(), keys.float()) * scale)
-    return torch.einsum("nh,nhm->nm", w.float(), s)
+    """q [..., n, Hi, Di], w [..., n, Hi] (weights_proj output, already scaled by Hi^-0.5), keys [..., m, Di]
+    -> [..., n, m] fp32. Leading dims are a batch (the training model scores whole sequences at once)."""
+    s = torch.relu(torch.einsum("...nhd,...md->...nhm", q.float(), keys.float()) * scale)
+    return torch.einsum("...nh,...nhm->...nm", w.float(), s)
 
 
 def pack_candidates(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcpserve.attention.backend import TorchBackend
-from dcpserve.attention.indexer import causal_topk_positions
+from dcpserve.attention.indexer import causal_topk_positions, index_scores
 from dcpserve.config import ModelConfig
 from dcpserve.model.moe import route
 from dcpserve.model.rope import RotaryEmbedding
@@ -74,9 +74,8 @@ class Indexer(nn.Module):
         return q, w, k
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """q [B,n,Hi,Di], w [B,n,Hi], k [B,m,Di] -> [B,n,m]: sum_h w * ReLU(scale * q.k)."""
-        s = torch.relu(torch.einsum("bnhd,bmd->bnhm", q, k) * self.d ** -0.5)
-        return torch.einsum("bnh,bnhm->bnm", w, s)
+        """q [B,n,Hi,Di], w [B,n,Hi], k [B,m,Di] -> [B,n,m], the engine's scoring."""
+        return index_scores(q, w, k, self.d ** -0.5)
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int) -> torch.Tensor:
@@ -186,8 +185,9 @@ class MLA(nn.Module):
         p = probs[bi, kl_rows].detach().mean(2)  # [B,R,k]
         kg = torch.gather(ik, 1, s_rows.clamp(min=0).reshape(b, -1, 1).expand(-1, -1, ik.shape[-1]))
         kg = kg.view(*s_rows.shape, -1)  # [B,R,k,Di]
-        sc = torch.relu(torch.einsum("brhd,brkd->brhk", iq[bi, kl_rows], kg) * self.indexer.d ** -0.5)
-        logits = torch.einsum("brh,brhk->brk", iw[bi, kl_rows], sc).masked_fill(s_rows < 0, float("-inf"))
+        # Each row has its own key set: score it as a batch of one-query problems.
+        logits = self.indexer.scores(iq[bi, kl_rows][:, :, None], iw[bi, kl_rows][:, :, None], kg)[:, :, 0]
+        logits = logits.masked_fill(s_rows < 0, float("-inf"))
         return _kl(p, logits)
 
 
