@@ -2,12 +2,12 @@
 # GPU checks and benchmarks for issue 4, run on the lent 4-GPU machine:  bash dcpserve/bench/gpu_suite.sh PART...
 # PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
-# device time of a decode step, DCP1 vs DCP4, eager), perf (end-to-end table), hfcmp (transformers vs dcpserve,
-# one GPU). Everything lands in $OUT: log.txt and one JSON/txt per part.
+# device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
+# one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
-BENCH="--model-path builtin:deepseek-v3.2 --load-format dummy --tp 4 --attention-backend triton --kv-mem-gb 8"
+BENCH="--model-path builtin:deepseek-v3.2 --load-format dummy --tp ${TP:-4} --attention-backend triton --kv-mem-gb 8"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$LOG"
 for part in "$@"; do
   echo "=== $part $(date +%T)" | tee -a "$LOG"
@@ -28,14 +28,19 @@ for part in "$@"; do
         --compare "torch-dcp4-eager:dcp=4,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager-repl-ag_rs:dcp=4,disable_cuda_graph=true,dcp_indexer=replicated,dcp_comm=ag_rs" \
         2>&1 | tail -9 | tee -a "$LOG" ;;
   profile)
-    for d in 1 4; do
+    for d in ${PROFILE_DCP:-1 4}; do
       rm -rf /tmp/prof; DCPSERVE_PROFILE_DIR=/tmp/prof timeout 120 python -m dcpserve.bench.engine $BENCH --num-layers 4 \
-          --dcp $d --batch 2 --input-len 2100 --output-len 40 --disable-cuda-graph 2>&1 | tail -2 | tee -a "$LOG"
+          --dcp $d --batch 1 --input-len 4096 --output-len 40 ${PROFILE_EAGER:+--disable-cuda-graph} 2>&1 | tail -2 | tee -a "$LOG"
       cp /tmp/prof/*.txt "$OUT/profile_dcp$d.txt"
     done ;;
   perf)
     timeout 300 python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 1 --input-len 4096 \
         --output-len 1536 --out "$OUT/e2e.json" 2>&1 | tail -7 | tee -a "$LOG" ;;
+  acc)  # issue 5's accuracy table on GPU (needs the serve wheels: see docs/PERF.md section 6)
+    timeout 560 python -m dcpserve.bench.accuracy_table --tp ${ACC_TP:-4} --dcp ${ACC_DCP:-1,2,4} --contexts 1024,4096,8192 \
+        --num-questions ${ACC_N:-50} --num-facts 1 --parallel 25 --disable-tqdm --log-dir /tmp/acclogs \
+        --extra-server-args "--attention-backend triton" --output-file "$OUT/accuracy_gpu.json" 2>&1 | tail -40 | tee -a "$LOG"
+    tail -n 5 /tmp/acclogs/*.log >> "$LOG" ;;
   hfcmp)
     timeout 200 python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out "$OUT/hf.json" \
         2>&1 | tail -6 | tee -a "$LOG" ;;

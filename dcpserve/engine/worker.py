@@ -161,9 +161,18 @@ class DecodeProfiler:
             os.makedirs(self.out_dir, exist_ok=True)
             path = os.path.join(self.out_dir, f"profile_{os.getpid()}.txt")
             with open(path, "w") as f:
-                f.write(self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60))
+                f.write(self._summary() + "\n")
+                f.write(self.prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=60))
             self.prof = None
         self.decodes += 1
+
+    def _summary(self) -> str:
+        """Kernels and summed kernel time per step (graph replays included: CUPTI records their kernels)."""
+        steps = self.STOP - self.START
+        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+        return (f"per decode step: {len(kernels) / steps:.0f} kernels, {busy_us / steps:.0f} us of kernel time "
+                f"(averaged over {steps} steps)")
 
 
 def _die_with_parent() -> None:
