@@ -74,16 +74,17 @@ def _partials(g: torch.Generator, d: int, empty_mode: str):
 
 
 def _check_merge(ps, g, name, empty_mode="random", garbage=False) -> str | None:
+    from dcpserve.attention.backend import TorchBackend
     from dcpserve.attention.dcp import merge_a2a, merge_ag_rs
 
+    be = TorchBackend()
     d, r = ps.dcp_size, ps.dcp_rank
     outs, lses, ref, full, h = _partials(g, d, empty_mode)
     mine_o, mine_l = outs[r].clone(), lses[r].clone()
     if garbage:
         # An empty shard's output buffer may hold anything (an uninitialised kernel workspace).
         mine_o[~torch.isfinite(mine_l)] = float("nan")
-    fn = merge_a2a if "a2a" in name else merge_ag_rs
-    got = fn(ps, mine_o, mine_l)
+    got = merge_a2a(ps, be, mine_o, mine_l) if "a2a" in name else merge_ag_rs(ps, mine_o, mine_l)
     own = slice(r * h, (r + 1) * h)
     err = _close(got, ref[:, own], 1e-5)
     if err:
@@ -105,9 +106,8 @@ def _check_gather_heads(ps, g) -> str | None:
 
 
 def _check_decode_select(ps, g, one_rank=False) -> str | None:
-    from dcpserve.attention.backend import TorchBackend
     from dcpserve.attention.indexer import compact_owned, select_sharded
-    from dcpserve.attention.topk import PAD_POS, ordered_topk
+    from dcpserve.attention.topk import PAD_POS, key_positions, ordered_topk, pack_keys
     from dcpserve.engine.forward_batch import SeqPlan, StepPlan, build_forward_batch
     from dcpserve.kv.layout import SlotLayout
 
@@ -141,8 +141,10 @@ def _check_decode_select(ps, g, one_rank=False) -> str | None:
         p = local_pos[i, : int(fb.local_lens[i])]
         assert p.tolist() == lay.local_positions(ctx[i], r).tolist()
         scores[i, : len(p)] = full_scores[i][p]
-    top = select_sharded(ps, TorchBackend(), scores, local_pos, k)
-    rows, counts = compact_owned(top, fb, k)
+    keys = pack_keys(scores, local_pos.masked_fill(scores == float("-inf"), PAD_POS))
+    top_keys = select_sharded(ps, keys, k)
+    rows, counts = compact_owned(top_keys, fb.block_table, lay, r, k)
+    top = key_positions(top_keys)
     for i, c in enumerate(ctx):
         _, want_top = ordered_topk(full_scores[i].view(1, -1), torch.arange(c).view(1, -1), k)
         want_top = want_top[0, : min(k, c)]

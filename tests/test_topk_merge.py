@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcpserve.attention.backend import TorchBackend
-from dcpserve.attention.indexer import causal_topk_positions, pack_candidates, unpack_candidates
+from dcpserve.attention.indexer import causal_topk_positions
 from dcpserve.attention.merge import merge_partials, merge_weights, sanitize_lse
-from dcpserve.attention.topk import PAD_POS, ordered_topk
+from dcpserve.attention.topk import (EMPTY_KEY, MAX_POSITION, PAD_POS, key_positions, ordered_topk, pack_keys,
+                                     topk_keys)
 from dcpserve.kv.layout import SlotLayout
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -226,14 +227,33 @@ def test_distributed_topk_all_ties_prefers_lower_positions():
 
 @SETTINGS
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=20),
-       st.lists(st.integers(0, 2**62), min_size=20, max_size=20))
-def test_candidate_packing_is_bit_exact(scores, positions):
-    """(fp32 score, int64 position) travel in one int64 tensor; both come back bit-exactly (also above 2^24)."""
+       st.lists(st.one_of(st.integers(0, MAX_POSITION), st.just(PAD_POS)), min_size=20, max_size=20))
+def test_packed_keys_carry_positions_bit_exactly(scores, positions):
+    """A decode top-k key carries its position exactly (also above 2^31 and at MAX_POSITION), PAD_POS too."""
     s = torch.tensor(scores, dtype=torch.float32)
     p = torch.tensor(positions[: len(scores)], dtype=torch.long)
-    us, up = unpack_candidates(pack_candidates(s, p))
-    assert up.tolist() == p.tolist()
-    assert us.view(torch.int32).tolist() == s.view(torch.int32).tolist()
+    assert key_positions(pack_keys(s, p)).tolist() == p.tolist()
+
+
+@SETTINGS
+@given(score_sets())
+def test_topk_keys_selects_the_ordered_topk_set(args):
+    """torch.topk over packed keys selects exactly ordered_topk's set (ties by position, -inf entries as
+    padding), padded with EMPTY_KEY when k > n."""
+    scores, positions, k = args
+    s = torch.tensor(scores, dtype=torch.float32).view(1, -1)
+    p = torch.tensor(positions, dtype=torch.long).view(1, -1).masked_fill(s == NEG, PAD_POS)
+    top = topk_keys(pack_keys(s, p), k)
+    assert top.shape == (1, k)
+    _, want = ordered_topk(s, p, k)
+    assert sorted(key_positions(top)[0].tolist()) == sorted(want[0].tolist())
+    assert int((top == EMPTY_KEY).sum()) >= max(0, k - len(scores))
+
+
+def test_key_order_is_score_then_lower_position():
+    keys = pack_keys(torch.tensor([1.0, 2.0, 2.0, -0.0, 0.0, NEG]), torch.tensor([5, 9, 3, 1, 2, 0]))
+    order = torch.argsort(keys, descending=True).tolist()
+    assert order == [2, 1, 0, 3, 4, 5]  # 2.0@3, 2.0@9, 1.0@5, then -0.0@1 ties +0.0@2 by position, -inf
 
 
 # -- causal_topk_positions -------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from dcpserve.attention.topk import ordered_topk
+from dcpserve.attention.indexer import compact_owned
+from dcpserve.attention.merge import merge_partials
+from dcpserve.attention.topk import PAD_POS, ordered_topk, pack_keys
 from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
+from dcpserve.kv.layout import SlotLayout
 
 
 def attend(q: torch.Tensor, kv: torch.Tensor, v_dim: int, scale: float,
@@ -101,6 +104,24 @@ class TorchBackend:
         keys = fmt.decode(cache[rows.reshape(-1)]).float().view(*rows.shape, -1)  # [B, L, Di]
         s = torch.relu(torch.einsum("bhd,bld->bhl", q.float(), keys) * scale)
         return torch.einsum("bh,bhl->bl", w.float(), s).masked_fill(~valid, float("-inf"))
+
+    def index_keys(self, q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                   lens: torch.Tensor, layout: SlotLayout, rank: int, scale: float, fmt: IndexKeyFormat,
+                   max_len: int) -> torch.Tensor:
+        """Decode top-k keys [B, max_len] (`pack_keys` of score and global position) of the tokens this rank's
+        pool holds, laid out as `layout` says for `rank`; EMPTY_KEY past lens[b]."""
+        scores = self.index_scores(q, w, cache, block_table, lens, layout.page_size, scale, fmt, max_len)
+        pos = layout.local_position_table(rank, lens, max_len, PAD_POS)
+        return pack_keys(scores, pos.masked_fill(scores == float("-inf"), PAD_POS))
+
+    def compact_owned(self, top: torch.Tensor, block_table: torch.Tensor, layout: SlotLayout, rank: int,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected keys rank `rank` owns as local rows, compacted to the front, and their counts."""
+        return compact_owned(top, block_table, layout, rank, k)
+
+    def merge(self, outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSE merge of partials outs [n, ..., V], lses [n, ...] -> (out fp32 [..., V], lse [...])."""
+        return merge_partials(outs, lses)
 
     def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int,
              sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,11 @@ global order) and compute this rank's own heads over the whole context, as plain
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from dcpserve.attention.merge import merge_partials, merge_weights, weighted
+from dcpserve.attention.merge import merge_weights, weighted
 from dcpserve.distributed.comm import dcp_all_gather, dcp_all_to_all, dcp_reduce_scatter
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.kv.layout import SlotLayout
@@ -24,15 +26,21 @@ def gather_heads(ps: ParallelState, q: torch.Tensor) -> torch.Tensor:
     return g.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[2])
 
 
-def merge_a2a(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """out [B, d*H, V] fp32, lse [B, d*H] -> own heads' merged out [B, H, V]. One collective."""
+class Merger(Protocol):
+    def merge(self, outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def merge_a2a(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """out [B, d*H, V] fp32, lse [B, d*H] -> own heads' merged out [B, H, V]. One collective, one copy
+    before it (out and LSE packed into the send layout by one cat) and the backend's merge after it."""
     d = ps.dcp_size
     if d == 1:
         return out
     b, dh, v = out.shape
-    pack = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1).view(b, d, dh // d, v + 1).transpose(0, 1)
+    per_dest = lambda t: t.float().view(b, d, dh // d, -1).transpose(0, 1)  # noqa: E731 - [d, B, H, *]
+    pack = torch.cat([per_dest(out), per_dest(lse.unsqueeze(-1))], dim=-1)  # contiguous [d, B, H, V+1]
     recv = dcp_all_to_all(ps, pack)  # [d (source rank), B, H, V+1]
-    merged, _ = merge_partials(recv[..., :v], recv[..., v])
+    merged, _ = be.merge(recv[..., :v], recv[..., v])
     return merged
 
 
@@ -47,8 +55,8 @@ def merge_ag_rs(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor) -> torc
     return dcp_reduce_scatter(ps, scaled.view(b, d, dh // d, v).transpose(0, 1))
 
 
-def merge(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor, comm: str) -> torch.Tensor:
-    return merge_a2a(ps, out, lse) if comm == "a2a" else merge_ag_rs(ps, out, lse)
+def merge(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tensor, comm: str) -> torch.Tensor:
+    return merge_a2a(ps, be, out, lse) if comm == "a2a" else merge_ag_rs(ps, out, lse)
 
 
 def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int], local: list[torch.Tensor]) -> list[torch.Tensor]:

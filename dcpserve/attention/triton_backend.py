@@ -6,16 +6,23 @@ from __future__ import annotations
 import torch
 
 from dcpserve.attention.backend import TorchBackend
-from dcpserve.kernels.indexer import indexer_scores, topk_ordered
+from dcpserve.kernels.indexer import compact_owned, indexer_scores, topk_ordered
 from dcpserve.kernels.kv_write import write_index_keys, write_latent
+from dcpserve.kernels.merge import merge_lse
 from dcpserve.kernels.mla_decode import mla_decode
 from dcpserve.kernels.mla_prefill import mla_prefill
 from dcpserve.kernels.mla_sparse_decode import mla_sparse_decode
 from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
+from dcpserve.kv.layout import SlotLayout
 
 
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
+
+
+def _indexer_fits(q: torch.Tensor, fmt: IndexKeyFormat) -> bool:
+    hi, di = q.shape[1], q.shape[2]
+    return hi >= 16 and _pow2(hi) and _pow2(di) and di >= (64 if fmt.fp8 else 16)
 
 
 class TritonBackend(TorchBackend):
@@ -44,11 +51,23 @@ class TritonBackend(TorchBackend):
                            fmt.kv_lora_rank, fmt.rope_dim, False, topk_pos, max_q_len=max_q)
 
     def index_scores(self, q, w, cache, block_table, lens, page_size, scale, fmt: IndexKeyFormat, max_len):
-        hi, di = q.shape[1], q.shape[2]
-        if hi < 16 or not _pow2(hi) or not _pow2(di) or di < (64 if fmt.fp8 else 16):
+        if not _indexer_fits(q, fmt):
             return super().index_scores(q, w, cache, block_table, lens, page_size, scale, fmt, max_len)
         return indexer_scores(q.contiguous(), w.float().contiguous(), cache, block_table, lens, page_size, scale,
                               fmt.fp8, max_len=max_len)
+
+    def index_keys(self, q, w, cache, block_table, lens, layout: SlotLayout, rank: int, scale, fmt: IndexKeyFormat,
+                   max_len):
+        if not _indexer_fits(q, fmt):
+            return super().index_keys(q, w, cache, block_table, lens, layout, rank, scale, fmt, max_len)
+        return indexer_scores(q.contiguous(), w.float().contiguous(), cache, block_table, lens, layout.page_size,
+                              scale, fmt.fp8, max_len=max_len, keys=(layout.interleave, layout.dcp, rank))
+
+    def compact_owned(self, top, block_table, layout: SlotLayout, rank: int, k: int):
+        return compact_owned(top, block_table, layout.interleave, layout.dcp, rank, layout.page_size)
+
+    def merge(self, outs, lses):
+        return merge_lse(outs, lses)
 
     def topk(self, scores, positions, k, sort: bool = True):
         return topk_ordered(scores, positions, k, sort)

@@ -17,7 +17,16 @@ topk_ordered(scores, positions, k) -> (scores [..., k], positions [..., k] int64
   -inf / PAD_POS when k > n) but one `torch.topk` over packed int64 keys instead of two full sorts.
   Position range: 0 <= position <= 2^32 - 2, or PAD_POS (which sorts after every real position).
 
-`indexer_scores_ref` / `topk_ordered_ref` are the plain torch references.
+indexer_scores(..., keys=(I, d, rank)) -> int64 [B, max_len]
+  The same scores fused with the decode top-k's key packing (`dcpserve.attention.topk.pack_keys`): each entry
+  is the packed key of (score, global position of local token j), so the scores never exist as floats and
+  a plain `torch.topk` over the keys is the ordered top-k.
+
+compact_owned(keys, block_table, I, d, rank, page_size) -> (rows int32 [B, K], counts int32 [B])
+  After the (distributed) top-k: this rank's selected tokens as local cache rows, compacted to the front.
+
+`indexer_scores_ref` / `indexer_keys_ref` / `topk_ordered_ref` are the plain torch references;
+`compact_owned`'s is `dcpserve.attention.indexer.compact_owned`.
 
 Measured (H200, bf16 q, fp8 cache, bench/kernels_misc.py): correct to ~5e-7 relative, but only ~250 GB/s at
 batch 128 x 128K (about 5% of HBM bandwidth); batch 1 x 128K 169 us in a CUDA graph. The default
@@ -33,18 +42,19 @@ import torch
 import triton
 import triton.language as tl
 
-PAD_POS = torch.iinfo(torch.int64).max  # == dcpserve.attention.topk.PAD_POS
-MAX_POSITION = 2**32 - 2  # largest position topk_ordered orders correctly (besides PAD_POS)
+from dcpserve.attention.topk import EMPTY_KEY, MAX_POSITION, PAD_POS, key_positions, pack_keys  # noqa: F401
 _FP8 = torch.float8_e4m3fn
 
 
 # ------------------------------------------------------------------------------------------------ scoring
 @triton.jit
 def _score_tile(q0, q1, q2, q3, w, k_ptr, ks_ptr, bt_row_ptr, out_row, tile, L, n,
-                stride_kr, stride_ksr, page_size, max_len, scale,
+                stride_kr, stride_ksr, page_size, max_len, scale, pos_i, pos_d, pos_r, empty_key,
                 DI: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr,
-                SWAP: tl.constexpr):
-    """Scores BLOCK_N tokens of one sequence and stores them; -inf past L.
+                SWAP: tl.constexpr, KEYS: tl.constexpr):
+    """Scores BLOCK_N tokens of one sequence and stores them; -inf past L. KEYS: stores the packed top-k key
+    of (score, global position) instead (`pack_keys`; position of local token j from the DCP layout
+    (j // I) * I * d + r * I + j % I), `empty_key` past L.
 
     fp8 rows are 132 B, so rows are only 4-byte aligned: keys are read as int32 words (4 e4m3 values each)
     and the dot product is split into 4 dots over the byte planes (q0..q3 hold q's dims c, c+4, c+8, ...);
@@ -90,7 +100,17 @@ def _score_tile(q0, q1, q2, q3, w, k_ptr, ks_ptr, bt_row_ptr, out_row, tile, L, 
         score = tl.sum(s * w[None, :], axis=1)
     else:
         score = tl.sum(s * w[:, None], axis=0)
-    tl.store(out_row + j, tl.where(valid, score, float("-inf")), mask=j < max_len)
+    if KEYS:
+        score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0
+        score = tl.where(score != score, float("nan"), score)  # one NaN bit pattern
+        bits = score.to(tl.int32, bitcast=True)
+        mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        j64 = j.to(tl.int64)
+        pos = (j64 // pos_i) * (pos_i * pos_d) + pos_r * pos_i + j64 % pos_i
+        key = (mono << 32) | (4294967295 - pos)
+        tl.store(out_row + j, tl.where(valid, key, empty_key), mask=j < max_len)
+    else:
+        tl.store(out_row + j, tl.where(valid, score, float("-inf")), mask=j < max_len)
 
 
 # page_size is not specialized: with it known divisible by 16, Triton's alignment analysis takes
@@ -99,10 +119,10 @@ def _score_tile(q0, q1, q2, q3, w, k_ptr, ks_ptr, bt_row_ptr, out_row, tile, L, 
 @triton.jit(do_not_specialize=["page_size"])
 def _indexer_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, lens_ptr, out_ptr,
                     stride_qb, stride_qh, stride_wb, stride_kr, stride_ksr, stride_btb, stride_ob,
-                    page_size, max_len, scale,
+                    page_size, max_len, scale, pos_i, pos_d, pos_r, empty_key,
                     HI: tl.constexpr, DI: tl.constexpr, BLOCK_N: tl.constexpr, TPP: tl.constexpr,
                     FP8: tl.constexpr, QT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
-                    SWAP: tl.constexpr):
+                    SWAP: tl.constexpr, KEYS: tl.constexpr):
     """Program (b, c) scores tiles [c*TPP, (c+1)*TPP) of BLOCK_N tokens of sequence b,
     so q[b] is loaded once per several tiles rather than once per tile."""
     b = tl.program_id(0)
@@ -141,17 +161,22 @@ def _indexer_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, lens_ptr, out_ptr,
         # The interpreter cannot loop to a loaded bound; masking alone gives the same result.
         for t in range(0, TPP):
             _score_tile(q0, q1, q2, q3, w, k_ptr, ks_ptr, bt_row, out_row, first + t, L, n, stride_kr,
-                        stride_ksr, page_size, max_len, scale, DI, BLOCK_N, FP8, PREC, SWAP)
+                        stride_ksr, page_size, max_len, scale, pos_i, pos_d, pos_r, empty_key,
+                        DI, BLOCK_N, FP8, PREC, SWAP, KEYS)
     else:
         # Tiles holding tokens (< lens[b]) are scored, the others only get -inf: two branch-free loops
         # (rather than an `if` per tile) keep the key loads software-pipelined.
         n_live = tl.minimum(tl.maximum(tl.cdiv(L, BLOCK_N) - first, 0), TPP)
         for t in range(0, n_live):
             _score_tile(q0, q1, q2, q3, w, k_ptr, ks_ptr, bt_row, out_row, first + t, L, n, stride_kr,
-                        stride_ksr, page_size, max_len, scale, DI, BLOCK_N, FP8, PREC, SWAP)
+                        stride_ksr, page_size, max_len, scale, pos_i, pos_d, pos_r, empty_key,
+                        DI, BLOCK_N, FP8, PREC, SWAP, KEYS)
         for t in range(n_live, TPP):
             j = (first + t) * BLOCK_N + n
-            tl.store(out_row + j, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=j < max_len)
+            if KEYS:
+                tl.store(out_row + j, tl.full([BLOCK_N], 0, tl.int64) + empty_key, mask=j < max_len)
+            else:
+                tl.store(out_row + j, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=j < max_len)
 
 
 def _interpreted() -> bool:
@@ -175,9 +200,13 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_
                    lens: torch.Tensor, page_size: int, scale: float, fp8: bool,
                    max_len: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 3, tiles_per_prog: int | None = None,
-                   swap_ab: bool = False) -> torch.Tensor:
+                   swap_ab: bool = False, keys: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Indexer scores fp32 [B, max_len] (see module docstring). block_n / num_warps / num_stages /
-    tiles_per_prog / swap_ab are tuning knobs (swap_ab: keys as the MMA's register operand, see _score_tile)."""
+    tiles_per_prog / swap_ab are tuning knobs (swap_ab: keys as the MMA's register operand, see _score_tile).
+
+    keys=(interleave, dcp, rank): return the packed top-k keys int64 [B, max_len] instead, equal to
+    `pack_keys(scores, positions)` with local token j at global position (j // I) * I * d + rank * I + j % I
+    and EMPTY_KEY past lens[b] (`indexer_keys_ref`). (1, 1, 0) maps j to itself (a replicated cache)."""
     bsz, hi, di = q.shape
     if hi < 16 or di < (64 if fp8 else 16) or hi & (hi - 1) or di & (di - 1):
         raise ValueError(f"Hi={hi} and Di={di} must be powers of two >= 16 (Di >= 64 with an fp8 cache)")
@@ -185,19 +214,20 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_
         raise ValueError(f"w {tuple(w.shape)} must be [B, Hi] = {(bsz, hi)}")
     if max_len is None:
         max_len = int(lens.max().item()) if bsz else 0
-    out = torch.empty(bsz, max_len, dtype=torch.float32, device=q.device)
+    out = torch.empty(bsz, max_len, dtype=torch.int64 if keys else torch.float32, device=q.device)
     if bsz == 0 or max_len == 0:
         return out
+    pos_i, pos_d, pos_r = keys or (1, 1, 0)
     if fp8:
         if cache.dtype != torch.uint8 or cache.shape[1] != di + 4 or di % 4 or cache.stride(0) % 4:
             raise ValueError(f"fp8 index cache must be uint8 [R, {di + 4}]")
         # Rows are 4-byte aligned (132 B): int32 words for the keys, the fp32 view for the scale column.
-        keys, kscale = cache.view(torch.int32), cache.view(torch.float32)[:, di // 4:]
+        kdata, kscale = cache.view(torch.int32), cache.view(torch.float32)[:, di // 4:]
         stride_kr = stride_ksr = cache.stride(0) // 4
     else:
         if cache.shape[1] != di:
             raise ValueError(f"index cache width {cache.shape[1]} != Di {di}")
-        keys, kscale, stride_kr, stride_ksr = cache, cache, cache.stride(0), 0
+        kdata, kscale, stride_kr, stride_ksr = cache, cache, cache.stride(0), 0
     q = q if q.stride(2) == 1 else q.contiguous()
     w = w.float()
     interp = _interpreted()
@@ -208,11 +238,11 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_
     tpp = tiles_per_prog or _tiles_per_prog(bsz, n_tiles, q.device)
     grid = (bsz, triton.cdiv(n_tiles, tpp))
     _indexer_kernel[grid](
-        q, w, keys, kscale, block_table, lens, out,
+        q, w, kdata, kscale, block_table, lens, out,
         q.stride(0), q.stride(1), w.stride(0), stride_kr, stride_ksr, block_table.stride(0), out.stride(0),
-        page_size, max_len, scale,
+        page_size, max_len, scale, pos_i, pos_d, pos_r, EMPTY_KEY,
         HI=hi, DI=di, BLOCK_N=block_n, TPP=tpp, FP8=fp8, QT=tl.float32 if dot_f32 else tl.bfloat16,
-        PREC="ieee" if dot_f32 else "tf32", INTERP=interp, SWAP=swap_ab,
+        PREC="ieee" if dot_f32 else "tf32", INTERP=interp, SWAP=swap_ab, KEYS=keys is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -243,22 +273,16 @@ def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, bl
     return out.masked_fill(~valid, float("-inf"))
 
 
+def indexer_keys_ref(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                     lens: torch.Tensor, page_size: int, scale: float, fp8: bool, max_len: int,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Torch reference of `indexer_scores(..., keys=...)`: positions [B, max_len] is the layout's table of
+    global positions of local tokens (`SlotLayout.local_position_table`)."""
+    scores = indexer_scores_ref(q, w, cache, block_table, lens, page_size, scale, fp8, max_len)
+    return pack_keys(scores, positions.masked_fill(scores == float("-inf"), PAD_POS))
+
+
 # ------------------------------------------------------------------------------------------------- top-k
-def _pack_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One int64 per entry whose signed order is (score asc, position desc): topk(largest) = our order.
-
-    High 32 bits: fp32 bits mapped monotonically to int32 (negatives get their magnitude bits flipped).
-    Low 32 bits: 2^32 - 1 - position for real positions, 0 for PAD_POS (last among equal scores)."""
-    s = scores.float()
-    s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0, as in a float sort
-    s = torch.where(torch.isnan(s), torch.full_like(s, float("nan")), s)  # one NaN, sorting first
-    bits = s.view(torch.int32).long()
-    mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    pos = positions.long()
-    low = torch.where(pos == PAD_POS, torch.zeros_like(pos), (2**32 - 1) - pos)
-    return (mono << 32) | low
-
-
 def _pad_to_k(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Append -inf / PAD_POS entries up to k. torch.cat, not F.pad: F.pad routes its fill value through a
     float, which turns PAD_POS into INT64_MIN."""
@@ -275,7 +299,7 @@ def topk_ordered(scores: torch.Tensor, positions: torch.Tensor, k: int,
     """Top-k by (score desc, position asc) along the last dim; see module docstring for the limits.
     `sort=False` returns the same set in no particular order (skips sorting the k winners)."""
     scores, positions = _pad_to_k(scores, positions.long(), k)
-    keys = _pack_keys(scores, positions)
+    keys = pack_keys(scores, positions)
     idx = torch.topk(keys, k, dim=-1, largest=True, sorted=sort).indices
     # Values come from the inputs themselves (not the keys), so they are returned bit for bit.
     return torch.gather(scores, -1, idx), torch.gather(positions.long(), -1, idx)
@@ -288,3 +312,46 @@ def topk_ordered_ref(scores: torch.Tensor, positions: torch.Tensor, k: int) -> t
     s1, p1 = torch.gather(scores, -1, by_pos), torch.gather(positions.long(), -1, by_pos)
     order = torch.sort(s1, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.gather(s1, -1, order), torch.gather(p1, -1, order)
+
+
+# -------------------------------------------------------------------------------------- owned-row compaction
+@triton.jit
+def _compact_owned_kernel(keys_ptr, bt_ptr, rows_ptr, counts_ptr, K, n_pages,
+                          stride_kb, stride_btb, stride_rb, pos_i, pos_d, pos_r, gps, BLOCK: tl.constexpr):
+    """Program b: of the K selected keys of sequence b, keep the tokens rank pos_r owns, map each position to
+    its local cache row through the block table, and write them to the front of rows[b] (in key order,
+    by a prefix count), zeros behind; counts[b] = how many."""
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK)
+    inb = e < K
+    key = tl.load(keys_ptr + b * stride_kb + e, mask=inb, other=0)
+    low = key & 4294967295
+    pos = 4294967295 - low
+    owned = inb & (low != 0) & ((pos // pos_i) % pos_d == pos_r)
+    pos = tl.where(owned, pos, 0)
+    page = tl.load(bt_ptr + b * stride_btb + tl.minimum(pos // gps, n_pages - 1), mask=owned, other=0)
+    slot = page.to(tl.int64) * gps + pos % gps
+    row = (slot // (pos_i * pos_d)) * pos_i + slot % pos_i
+    dest = tl.cumsum(owned.to(tl.int32), 0) - 1
+    tl.store(rows_ptr + b * stride_rb + dest, row.to(tl.int32), mask=owned)
+    cnt = tl.sum(owned.to(tl.int32), 0)
+    tl.store(rows_ptr + b * stride_rb + e, tl.zeros([BLOCK], tl.int32), mask=inb & (e >= cnt))
+    tl.store(counts_ptr + b, cnt)
+
+
+def compact_owned(keys: torch.Tensor, block_table: torch.Tensor, interleave: int, dcp: int, rank: int,
+                  page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected top-k keys [B, K] (any order, EMPTY_KEY for none) -> (local rows int32 [B, K] of the tokens
+    rank `rank` owns, compacted to the front, zeros behind; counts int32 [B]). The torch reference is
+    `dcpserve.attention.indexer.compact_owned` (the same rows, also in key order)."""
+    bsz, k = keys.shape
+    rows = torch.empty(bsz, k, dtype=torch.int32, device=keys.device)
+    counts = torch.empty(bsz, dtype=torch.int32, device=keys.device)
+    if bsz == 0 or k == 0:
+        return rows, counts.zero_()
+    keys = keys.contiguous()
+    _compact_owned_kernel[(bsz,)](keys, block_table, rows, counts, k, max(block_table.shape[1], 1),
+                                  keys.stride(0), block_table.stride(0), rows.stride(0),
+                                  interleave, dcp, rank, page_size * dcp,
+                                  BLOCK=max(16, triton.next_power_of_2(k)), num_warps=4)
+    return rows, counts

@@ -10,12 +10,12 @@ from torch import nn
 
 from dcpserve.attention.backend import TorchBackend
 from dcpserve.attention.dcp import gather_heads, gather_prefix_rows, merge
-from dcpserve.attention.indexer import (PREFILL_SCORE_CHUNK, causal_topk_positions, compact_owned, index_scores,
-                                       select_sharded)
-from dcpserve.attention.topk import PAD_POS
+from dcpserve.attention.indexer import PREFILL_SCORE_CHUNK, causal_topk_positions, index_scores, select_sharded
+from dcpserve.attention.topk import topk_keys
 from dcpserve.config import ModelConfig
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.engine.forward_batch import ForwardBatch
+from dcpserve.kv.layout import SlotLayout
 from dcpserve.kv.pool import KVPool
 from dcpserve.loader.reader import Reader
 from dcpserve.model.layers import Linear, RMSNorm, column_parallel, row_parallel
@@ -143,24 +143,23 @@ class MLA(nn.Module):
         else:
             out, lse = be.decode(qg, cache, fb.block_table, fb.local_lens, fb.layout.page_size, c.softmax_scale,
                                  pool.latent_fmt, fb.max_local_len)
-        return merge(self.ps, out, lse, rt.dcp_comm)
+        return merge(self.ps, be, out, lse, rt.dcp_comm)
 
     def _decode_select(self, fb: ForwardBatch, rt: AttnRuntime, idx_q, idx_w) -> tuple[torch.Tensor, torch.Tensor]:
         """Compacted local rows [B, k] and counts [B] of the owned tokens in each sequence's global top-k."""
         pool, be, lay, k = rt.pool, rt.backend, fb.layout, self.cfg.index_topk
-        cache = pool.index_keys[self.layer]
+        cache, scale, fmt = pool.index_keys[self.layer], self.indexer.scale, pool.index_fmt
         if pool.indexer_replicated:
-            # Every rank holds every key, at its global slot: a paged pool with page size page_size * d.
-            scores = be.index_scores(idx_q, idx_w, cache, fb.block_table, fb.ctx_lens, lay.global_page_slots,
-                                     self.indexer.scale, pool.index_fmt, fb.max_ctx_len)
-            pos = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
-            _, top = be.topk(scores, pos.masked_fill(scores == float("-inf"), PAD_POS), k, sort=False)
+            # Every rank holds every key at its global slot: a paged pool of page size page_size * d in which
+            # local token j is position j, so the local top-k is already the global one.
+            keys = be.index_keys(idx_q, idx_w, cache, fb.block_table, fb.ctx_lens, SlotLayout(lay.global_page_slots),
+                                 0, scale, fmt, fb.max_ctx_len)
+            top = topk_keys(keys, k)
         else:
-            scores = be.index_scores(idx_q, idx_w, cache, fb.block_table, fb.local_lens, lay.page_size,
-                                     self.indexer.scale, pool.index_fmt, fb.max_local_len)
-            pos = lay.local_position_table(fb.dcp_rank, fb.local_lens, scores.shape[1], PAD_POS)
-            top = select_sharded(self.ps, be, scores, pos, k)
-        return compact_owned(top, fb, k)
+            keys = be.index_keys(idx_q, idx_w, cache, fb.block_table, fb.local_lens, lay, fb.dcp_rank, scale, fmt,
+                                 fb.max_local_len)
+            top = select_sharded(self.ps, keys, k)
+        return be.compact_owned(top, fb.block_table, lay, fb.dcp_rank, k)
 
     # -- prefill / extend: gather the cached prefix, own heads, no merge ----------------------------
     def _prefill(self, q: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime, idx) -> torch.Tensor:

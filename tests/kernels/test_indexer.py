@@ -1,4 +1,5 @@
-"""Indexer scoring kernel and packed-key top-k (dcpserve/kernels/indexer.py) against their references.
+"""Indexer scoring kernel (also fused with key packing), packed-key top-k and the owned-row compaction
+(dcpserve/kernels/indexer.py) against their references.
 
 On CPU the kernel runs in Triton's interpreter on tiny shapes; on a GPU machine it runs on CUDA."""
 from __future__ import annotations
@@ -12,15 +13,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from dcpserve.attention.indexer import compact_owned as compact_owned_torch  # noqa: E402
 from dcpserve.attention.indexer import index_scores  # noqa: E402
-from dcpserve.attention.topk import PAD_POS, ordered_topk  # noqa: E402
+from dcpserve.attention.topk import EMPTY_KEY, PAD_POS, key_positions, ordered_topk, pack_keys  # noqa: E402
 from dcpserve.kernels.indexer import (  # noqa: E402
+    compact_owned,
+    indexer_keys_ref,
     indexer_scores,
     indexer_scores_ref,
     topk_ordered,
     topk_ordered_ref,
 )
 from dcpserve.kv.formats import IndexKeyFormat  # noqa: E402
+from dcpserve.kv.layout import SlotLayout  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -136,3 +141,65 @@ def test_topk_ordered_all_ties_prefers_low_positions() -> None:
     s, p = topk_ordered(scores.to(DEV), pos.to(DEV), 8)
     assert torch.equal(p.cpu(), pos.sort(-1).values[:, :8])
     assert (s == 1.5).all()
+
+
+# ------------------------------------------------------------------------------ fused keys and compaction
+def _key_scores(keys: torch.Tensor) -> torch.Tensor:
+    """The fp32 score packed in a key's high 32 bits (inverse of pack_keys' monotone map)."""
+    mono = (keys >> 32).to(torch.int32)
+    return torch.where(mono < 0, mono ^ 0x7FFFFFFF, mono).view(torch.float32)
+
+
+@pytest.mark.parametrize("interleave,dcp,rank", [(1, 1, 0), (1, 4, 3), (4, 2, 1), (2, 4, 0)])
+@pytest.mark.parametrize("cache_kind", ["fp8", "bf16"])
+def test_indexer_keys_fuse_scores_and_positions(interleave: int, dcp: int, rank: int, cache_kind: str) -> None:
+    """keys=(I, d, r) is bit-identical to packing the same kernel's scores with the layout's position table,
+    and close to the torch reference (positions exact, scores to rounding); EMPTY_KEY past lens."""
+    lens = [37, 0, 1, 130, 16]
+    c = _case(lens, 16, 16, 64, cache_kind, torch.float32, seed=interleave * 10 + dcp + rank)
+    max_len = 160
+    keys = indexer_scores(**c, max_len=max_len, keys=(interleave, dcp, rank))
+    scores = indexer_scores(**c, max_len=max_len)
+    lay = SlotLayout(16, dcp, interleave)
+    pos = lay.local_position_table(rank, c["lens"].cpu(), max_len, PAD_POS).to(DEV)
+    assert keys.dtype == torch.int64 and keys.shape == (len(lens), max_len)
+    assert torch.equal(keys, pack_keys(scores, pos.masked_fill(torch.isneginf(scores), PAD_POS)))
+    ref = indexer_keys_ref(**c, max_len=max_len, positions=pos)
+    assert torch.equal(key_positions(keys), key_positions(ref))
+    for i, n in enumerate(lens):
+        assert (keys[i, n:] == EMPTY_KEY).all()
+    _assert_scores(_key_scores(keys), _key_scores(ref), lens, 1e-5)
+
+
+@pytest.mark.parametrize("page,dcp,interleave", [(4, 1, 1), (4, 2, 1), (8, 4, 2), (2, 3, 2), (16, 2, 16)])
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_compact_owned_kernel_matches_torch(page: int, dcp: int, interleave: int, k: int) -> None:
+    """Random selected keys (ragged: some rows short of k, one empty, one all-owned-by-one-rank) over shuffled
+    block tables: the same rows in the same order and the same counts as the torch reference, zeros behind."""
+    gen = torch.Generator().manual_seed(page * 100 + dcp * 10 + k)
+    lay = SlotLayout(page, dcp, interleave)
+    ctx = [200, 5, 0, 3 * k + 1, 64]
+    n_pages = [lay.pages_needed(c) for c in ctx]
+    width = max(n_pages)
+    perm = torch.randperm(sum(n_pages) + 5, generator=gen)
+    table = torch.full((len(ctx), width), -1, dtype=torch.int32)
+    o = 0
+    for i, n in enumerate(n_pages):
+        table[i, :n] = perm[o : o + n].int()
+        o += n
+    keys = torch.full((len(ctx), k), EMPTY_KEY, dtype=torch.int64)
+    for i, c in enumerate(ctx):
+        m = min(k, c)
+        p = torch.randperm(c, generator=gen)[:m]
+        if i == 4:  # every selected token on one rank
+            p = torch.arange(c)[lay.owner_of_position(torch.arange(c)) == dcp - 1][:m]
+            m = len(p)
+        s = torch.randn(m, generator=gen)
+        keys[i, :m] = pack_keys(s, p)
+        keys[i] = keys[i, torch.randperm(k, generator=gen)]  # any order, padding anywhere
+    for rank in range(dcp):
+        want_rows, want_counts = compact_owned_torch(keys, table.long(), lay, rank, k)
+        rows, counts = compact_owned(keys.to(DEV), table.to(DEV), interleave, dcp, rank, page)
+        assert rows.dtype == torch.int32 and counts.dtype == torch.int32
+        assert counts.cpu().tolist() == want_counts.tolist()
+        assert torch.equal(rows.cpu().long(), want_rows)  # the reference zero-fills behind the count too
