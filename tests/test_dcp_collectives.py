@@ -174,7 +174,7 @@ def _check_gather_prefix(ps, g) -> str | None:
         fulls = [(torch.arange(s * width).view(s, width) * 7 + i) for i, s in enumerate(starts)]
         fulls = [f.to(dtype) if dtype != torch.uint8 else (f % 251).to(dtype) for f in fulls]
         local = [f[lay.local_positions(s, r)] for f, s in zip(fulls, starts)]
-        got = gather_prefix_rows(ps, lay, starts, local)
+        got = gather_prefix_rows(ps, lay, starts, local, [lay.gather_order(s) for s in starts])
         for i, (f, x) in enumerate(zip(fulls, got)):
             if x.dtype != dtype or not torch.equal(x, f):
                 return f"seq {i} start {starts[i]} dtype {dtype}: rows not in global order"

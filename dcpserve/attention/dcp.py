@@ -37,7 +37,10 @@ def merge_a2a(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tenso
     if d == 1:
         return out
     b, dh, v = out.shape
-    per_dest = lambda t: t.float().view(b, d, dh // d, -1).transpose(0, 1)  # noqa: E731 - [d, B, H, *]
+
+    def per_dest(t: torch.Tensor) -> torch.Tensor:  # [B, d*H, *] -> [d, B, H, *] (a view)
+        return t.float().view(b, d, dh // d, -1).transpose(0, 1)
+
     pack = torch.cat([per_dest(out), per_dest(lse.unsqueeze(-1))], dim=-1)  # contiguous [d, B, H, V+1]
     recv = dcp_all_to_all(ps, pack)  # [d (source rank), B, H, V+1]
     merged, _ = be.merge(recv[..., :v], recv[..., v])
@@ -59,9 +62,11 @@ def merge(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tensor, c
     return merge_a2a(ps, be, out, lse) if comm == "a2a" else merge_ag_rs(ps, out, lse)
 
 
-def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int], local: list[torch.Tensor]) -> list[torch.Tensor]:
+def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int], local: list[torch.Tensor],
+                       dest: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each rank holds, per sequence i, the rows of its owned positions < starts[i] (ascending). Returns,
-    per sequence, all `starts[i]` rows in global position order. Rows may be raw storage bytes."""
+    per sequence, all `starts[i]` rows in global position order. Rows may be raw storage bytes.
+    dest[i] = layout.gather_order(starts[i]) on the rows' device (ForwardBatch.prefix_dest)."""
     if ps.dcp_size == 1:
         return local
     d = ps.dcp_size
@@ -76,10 +81,10 @@ def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int],
     out = []
     offsets = [0] * d
     for i, s in enumerate(starts):
-        full = torch.empty((s,) + tuple(width), dtype=ref.dtype, device=ref.device)
+        arrived = torch.cat([allbuf[o, offsets[o] : offsets[o] + counts[o][i]] for o in range(d)])
         for o in range(d):
-            c = counts[o][i]
-            full[layout.local_positions(s, o).to(ref.device)] = allbuf[o, offsets[o] : offsets[o] + c]
-            offsets[o] += c
+            offsets[o] += counts[o][i]
+        full = torch.empty((s,) + tuple(width), dtype=ref.dtype, device=ref.device)
+        full[dest[i]] = arrived
         out.append(full)
     return out

@@ -52,6 +52,9 @@ class ForwardBatch:
     max_local_len: int
     dcp_rank: int = 0
     layout: SlotLayout = field(default=None)  # type: ignore[assignment]
+    # Prefill with DCP only: per sequence, where the prefix gather's rows go (layout.gather_order(start)),
+    # on the device before the forward starts, so the layers never copy index tensors from the host.
+    prefix_dest: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -104,4 +107,6 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         max_local_len=max(local_lens, default=0),
         dcp_rank=dcp_rank,
         layout=layout,
+        prefix_dest=[] if plan.is_decode or layout.dcp == 1 else
+                    [layout.gather_order(s.start).to(device) for s in plan.seqs],
     )

@@ -56,6 +56,11 @@ class SlotLayout:
         pos = torch.arange(length, dtype=torch.long)
         return pos[self.owner_of_position(pos) == rank]
 
+    def gather_order(self, length: int) -> torch.Tensor:
+        """Global positions of a `length`-token prefix in the order a DCP all-gather delivers its rows:
+        rank by rank, each rank's owned positions ascending."""
+        return torch.cat([self.local_positions(length, r) for r in range(self.dcp)])
+
     def local_position_table(self, rank: int, lens: torch.Tensor, max_len: int, pad: int) -> torch.Tensor:
         """[B, max_len]: global position of the j-th token rank `rank` holds of each sequence; `pad` past
         lens[b]. Computed on the device from the lengths alone (no host work per token, graph-safe)."""

@@ -165,7 +165,8 @@ class MLA(nn.Module):
     def _prefill(self, q: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime, idx) -> torch.Tensor:
         c, pool, be = self.cfg, rt.pool, rt.backend
         starts = [s.start for s in fb.seqs]
-        prefix = gather_prefix_rows(self.ps, fb.layout, starts, [pool.latent[self.layer][r] for r in fb.own_rows])
+        prefix = gather_prefix_rows(self.ps, fb.layout, starts, [pool.latent[self.layer][r] for r in fb.own_rows],
+                                    fb.prefix_dest)
         # Fresh tokens go through the cache format too, so a later prefix-cache hit sees the same values.
         fresh = pool.roundtrip_latent(latent)
         kv = torch.cat([t for i in range(fb.num_seqs)
@@ -188,7 +189,8 @@ class MLA(nn.Module):
             prefix = [pool.read_index(self.layer, fb.layout.slots_of(fb.block_table[i].long(), torch.arange(s, device=dev)))
                       for i, s in enumerate(starts)]
         else:
-            raw = gather_prefix_rows(self.ps, fb.layout, starts, [pool.index_keys[self.layer][r] for r in fb.own_rows])
+            raw = gather_prefix_rows(self.ps, fb.layout, starts, [pool.index_keys[self.layer][r] for r in fb.own_rows],
+                                     fb.prefix_dest)
             prefix = [pool.index_fmt.decode(t) for t in raw]
         fresh = pool.roundtrip_index(k_idx)
         out = torch.full((fb.positions.shape[0], k), -1, dtype=torch.int32, device=fb.positions.device)
