@@ -4,6 +4,14 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Before any test module imports a kernel: Triton decides interpreted vs compiled when a module's
+    # @triton.jit functions are created, so a kernel module imported first without this (e.g. through the
+    # engine) would stay compiled-only for every later test in the session.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def hf_refs(tmp_path_factory):
