@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcpserve.attention.topk import EMPTY_KEY, MAX_POSITION, PAD_POS, key_positions, pack_keys  # noqa: F401
+from dcpserve.attention.topk import EMPTY_KEY, PAD_POS, pack_keys
 _FP8 = torch.float8_e4m3fn
 
 
