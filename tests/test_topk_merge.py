@@ -13,9 +13,10 @@ from dcpserve.attention.backend import TorchBackend
 from dcpserve.attention.indexer import causal_topk_positions
 from dcpserve.attention.merge import merge_partials, merge_weights, sanitize_lse
 from dcpserve.attention.topk import (EMPTY_KEY, MAX_POSITION, PAD_POS, key_positions, ordered_topk, pack_keys,
-                                     topk_keys)
+                                     packed_topk, topk_keys)
 from dcpserve.kv.layout import SlotLayout
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NEG = float("-inf")
 
@@ -116,6 +117,45 @@ def test_ordered_topk_batched_rows_are_independent(sets, k):
         bs, bp = brute_topk(S[i].tolist(), P[i].tolist(), k)
         assert tp[i].tolist() == bp
         assert ts[i].tolist() == bs
+
+
+# -- packed_topk (the backends' top-k) -------------------------------------------------------------------
+def _tied_scores(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Integer-valued scores in a narrow range (many ties), some -inf, some -0.0/+0.0."""
+    s = torch.randint(-3, 4, shape, generator=gen).float()
+    s[torch.rand(shape, generator=gen) < 0.2] = float("-inf")
+    zero = s == 0
+    s[zero & (torch.rand(shape, generator=gen) < 0.5)] = -0.0
+    return s
+
+
+@pytest.mark.parametrize("n,k", [(50, 7), (50, 50), (13, 20), (300, 64), (1, 1)])
+def test_packed_topk_matches_ordered_topk(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    for shape in [(4, n), (2, 3, n)]:
+        scores = _tied_scores(shape, gen)
+        # Unique positions spread over the whole supported range, incl. above 2^31, plus PAD_POS entries
+        # (as in gathered candidate lists).
+        pos = torch.randperm(n, generator=gen) * (2**32 // max(n, 1)) + torch.randint(0, 5, (n,), generator=gen)
+        pos = pos.clamp(max=2**32 - 2).expand(shape).clone()
+        pos[..., -1] = PAD_POS
+        scores[..., -1] = float("-inf")
+        got_s, got_p = packed_topk(scores.to(DEV), pos.to(DEV), k)
+        want_s, want_p = ordered_topk(scores, pos, k)
+        assert torch.equal(got_p.cpu(), want_p)
+        assert torch.equal(got_s.cpu(), want_s)
+        us, up = packed_topk(scores.to(DEV), pos.to(DEV), k, sort=False)  # the same set, any order
+        assert torch.equal(up.cpu().sort(-1).values, want_p.sort(-1).values)
+        if k > n:  # padding carries PAD_POS (not INT64_MIN) and -inf
+            assert (got_p[..., n:] == PAD_POS).all() and torch.isneginf(got_s[..., n:]).all()
+
+
+def test_packed_topk_all_ties_prefers_low_positions() -> None:
+    scores = torch.full((2, 40), 1.5)
+    pos = torch.stack([torch.randperm(40), torch.arange(40) + 2**31])
+    s, p = packed_topk(scores.to(DEV), pos.to(DEV), 8)
+    assert torch.equal(p.cpu(), pos.sort(-1).values[:, :8])
+    assert (s == 1.5).all()
 
 
 @st.composite

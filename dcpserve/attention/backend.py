@@ -12,7 +12,7 @@ import torch
 
 from dcpserve.attention.indexer import compact_owned
 from dcpserve.attention.merge import merge_partials
-from dcpserve.attention.topk import PAD_POS, ordered_topk, pack_keys
+from dcpserve.attention.topk import PAD_POS, pack_keys, packed_topk
 from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
 from dcpserve.kv.layout import SlotLayout
 
@@ -30,6 +30,34 @@ def attend(q: torch.Tensor, kv: torch.Tensor, v_dim: int, scale: float,
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     return torch.einsum("nhm,mv->nhv", p, kvf[:, :v_dim]), lse
+
+
+SELECTED_BLOCK_ELEMS = 1 << 24  # bounds the gathered [queries, k, D] block of attend_selected (64 MB fp32)
+
+
+def attend_selected(q: torch.Tensor, kv: torch.Tensor, sel: torch.Tensor, q_pos: torch.Tensor, v_dim: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention: query t of q [n, H, D] over the rows kv[sel[t]] (sel [n, k], unique per row, -1 padded; entries
+    past q_pos[t] are masked too, so the result is `attend` with mask causal & selected). Gathers the k
+    selected rows per query instead of scoring the whole context: O(n * k), not O(n * m)."""
+    n, h, _ = q.shape
+    k = sel.shape[1]
+    out = torch.zeros(n, h, v_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((n, h), float("-inf"), dtype=torch.float32, device=q.device)
+    if kv.shape[0] == 0 or k == 0:
+        return out, lse
+    step = max(1, SELECTED_BLOCK_ELEMS // (k * kv.shape[1]))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        s = sel[a:b].long()
+        ok = (s >= 0) & (s <= q_pos[a:b, None])
+        rows = kv[s.clamp(0, kv.shape[0] - 1)].float()  # [c, k, D]
+        scores = torch.einsum("chd,ckd->chk", q[a:b].float(), rows) * scale
+        scores = scores.masked_fill(~ok[:, None, :], float("-inf"))
+        lse[a:b] = torch.logsumexp(scores, dim=-1)
+        p = torch.exp(scores - torch.where(torch.isfinite(lse[a:b]), lse[a:b], torch.zeros_like(lse[a:b]))[..., None])
+        out[a:b] = torch.einsum("chk,ckv->chv", p, rows[..., :v_dim])
+    return out, lse
 
 
 def paged_rows(block_table: torch.Tensor, lens: torch.Tensor, page_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,16 +111,11 @@ class TorchBackend:
         for i in range(len(cu_q) - 1):
             qs = slice(cu_q[i], cu_q[i + 1])
             ctx = kv[cu_k[i] : cu_k[i + 1]]
-            k_pos = torch.arange(ctx.shape[0], device=q.device)
-            mask = k_pos[None, :] <= q_pos[qs, None]
             if topk_pos is not None:
-                sel = torch.zeros_like(mask)
-                tp = topk_pos[qs].long()
-                r = torch.arange(tp.shape[0], device=q.device)[:, None].expand_as(tp)
-                ok = tp >= 0
-                sel[r[ok], tp[ok]] = True
-                mask &= sel
-            o, l = attend(q[qs], ctx, fmt.kv_lora_rank, scale, mask)
+                o, l = attend_selected(q[qs], ctx, topk_pos[qs], q_pos[qs], fmt.kv_lora_rank, scale)
+            else:
+                k_pos = torch.arange(ctx.shape[0], device=q.device)
+                o, l = attend(q[qs], ctx, fmt.kv_lora_rank, scale, k_pos[None, :] <= q_pos[qs, None])
             outs.append(o)
             lses.append(l)
         return torch.cat(outs), torch.cat(lses)
@@ -126,7 +149,7 @@ class TorchBackend:
     def topk(self, scores: torch.Tensor, positions: torch.Tensor, k: int,
              sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k set by (score desc, position asc); sorted in that order unless `sort=False` (then any order)."""
-        return ordered_topk(scores, positions, k)
+        return packed_topk(scores, positions, k, sort)
 
 
 def get_backend(name: str):

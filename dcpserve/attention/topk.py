@@ -17,18 +17,24 @@ import torch
 PAD_POS = torch.iinfo(torch.int64).max
 
 
+def _pad_to_k(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append -inf / PAD_POS entries up to k. torch.cat, not F.pad: F.pad routes its fill value through a
+    float, which turns PAD_POS into INT64_MIN."""
+    n = scores.shape[-1]
+    if k <= n:
+        return scores, positions
+    shape = scores.shape[:-1] + (k - n,)
+    return (torch.cat([scores, scores.new_full(shape, float("-inf"))], dim=-1),
+            torch.cat([positions, positions.new_full(shape, PAD_POS)], dim=-1))
+
+
 def ordered_topk(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`k` along the last dim by (score desc, position asc). Returns (scores, positions), sorted.
+    The order's definition (two stable sorts); `packed_topk` computes the same faster.
 
     scores: [..., n] (invalid entries -inf), positions: [..., n] int64. `k` may exceed n (result padded
     with -inf / PAD_POS)."""
-    n = scores.shape[-1]
-    if k > n:
-        pad = k - n
-        shape = scores.shape[:-1] + (pad,)
-        # torch.cat, not F.pad: F.pad routes the fill value through a float, turning PAD_POS into INT64_MIN.
-        scores = torch.cat([scores, scores.new_full(shape, float("-inf"))], dim=-1)
-        positions = torch.cat([positions, positions.new_full(shape, PAD_POS)], dim=-1)
+    scores, positions = _pad_to_k(scores, positions, k)
     # Two stable sorts: by position, then by score; equal scores keep ascending position order.
     pos_order = torch.sort(positions, dim=-1, stable=True).indices
     s1 = torch.gather(scores, -1, pos_order)
@@ -74,3 +80,13 @@ def topk_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k == keys.shape[-1]:
         return keys
     return torch.topk(keys, k, dim=-1, largest=True, sorted=False).values
+
+
+def packed_topk(scores: torch.Tensor, positions: torch.Tensor, k: int,
+                sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ordered_topk`'s result from one `torch.topk` over packed keys instead of two full sorts; with
+    `sort=False` the same set in no particular order. Positions: 0..MAX_POSITION or PAD_POS."""
+    scores, positions = _pad_to_k(scores, positions.long(), k)
+    idx = torch.topk(pack_keys(scores, positions), k, dim=-1, largest=True, sorted=sort).indices
+    # Values come from the inputs themselves (not the keys), so they are returned bit for bit.
+    return torch.gather(scores, -1, idx), torch.gather(positions, -1, idx)

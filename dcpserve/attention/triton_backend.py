@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dcpserve.attention.backend import TorchBackend
-from dcpserve.kernels.indexer import compact_owned, indexer_scores, topk_ordered
+from dcpserve.kernels.indexer import compact_owned, indexer_scores
 from dcpserve.kernels.kv_write import write_index_keys, write_latent
 from dcpserve.kernels.merge import merge_lse
 from dcpserve.kernels.mla_decode import mla_decode
@@ -68,6 +68,3 @@ class TritonBackend(TorchBackend):
 
     def merge(self, outs, lses):
         return merge_lse(outs, lses)
-
-    def topk(self, scores, positions, k, sort: bool = True):
-        return topk_ordered(scores, positions, k, sort)

@@ -9,7 +9,7 @@ Sections (JSON rewritten after each, so a run cut short still reports what it me
   indexer   Hi 64, Di 128, fp8 cache, page 64, batch {1, 32, 128} x context {4K, 32K, 128K}: max error
             vs indexer_scores_ref on a few sequences, a ragged batch (lens 0, page edges), time, GB/s of
             the 132 B rows, TFLOP/s; a small tile sweep.
-  topk      topk_ordered vs ordered_topk (two stable sorts), k = 2048: identical output, time of both.
+  topk      packed_topk vs ordered_topk (two stable sorts), k = 2048: identical output, time of both.
   moe       hidden 7168, I = 2048/tp for tp in {1, 4}, E 256, k 8, T in {1, 32, 128, 1024}, bf16: error
             vs the fp32 reference and vs the engine's per-expert loop (MoE.experts), time of both,
             TFLOP/s, GB/s of the expert weights touched; CUDA-graph replay time for small T.
@@ -32,8 +32,8 @@ from dcpserve.bench.timing import Budget, bench_ms
 if not torch.cuda.is_available() and "--tiny" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dcpserve.attention.topk import ordered_topk  # noqa: E402
-from dcpserve.kernels.indexer import indexer_scores, indexer_scores_ref, topk_ordered  # noqa: E402
+from dcpserve.attention.topk import ordered_topk, packed_topk  # noqa: E402
+from dcpserve.kernels.indexer import indexer_scores, indexer_scores_ref  # noqa: E402
 from dcpserve.kernels.kv_write import (  # noqa: E402
     write_index_keys,
     write_index_keys_ref,
@@ -191,14 +191,14 @@ def bench_topk(batches: list[int], ns: list[int], k: int, res: list[dict]) -> No
             s = torch.randint(-500, 500, (b, n), device=DEV, generator=gen).float()
             s[:, ::11] = float("-inf")
             p = torch.arange(n, device=DEV).expand(b, n).contiguous()
-            got = topk_ordered(s, p, k)
+            got = packed_topk(s, p, k)
             want = ordered_topk(s, p, k)
             same = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
-            ms = bench_ms(lambda: topk_ordered(s, p, k))
+            ms = bench_ms(lambda: packed_topk(s, p, k))
             ms_ref = bench_ms(lambda: ordered_topk(s, p, k))
             r = dict(batch=b, n=n, k=k, identical=same, ms=ms, ms_two_sorts=ms_ref)
             if b == 1:
-                r["graph_ms"] = graph_ms(lambda: topk_ordered(s, p, k))
+                r["graph_ms"] = graph_ms(lambda: packed_topk(s, p, k))
             res.append(r)
             log(f"  topk B={b:4d} n={n:7d} k={k}: {ms * 1e3:8.1f} us (two sorts {ms_ref * 1e3:8.1f} us) "
                 f"identical={same}")

@@ -1,4 +1,4 @@
-"""DSA lightning-indexer scoring over a paged key cache, and a fast deterministic top-k.
+"""DSA lightning-indexer scoring over a paged key cache, and the compaction of the selected rows.
 
 indexer_scores(q, w, cache, block_table, lens, page_size, scale, fp8, max_len=None) -> fp32 [B, max_len]
   q:           bf16/fp32 [B, Hi, Di]   (one query token per sequence: decode)
@@ -12,11 +12,6 @@ indexer_scores(q, w, cache, block_table, lens, page_size, scale, fp8, max_len=No
   score[b, j] = sum_h w[b, h] * relu(scale * q[b, h] . k_j), and -inf for j >= lens[b].
   Hi and Di must be powers of two >= 16, Di >= 64 for fp8 (tensor-core tile sizes); real: Hi 64, Di 128.
 
-topk_ordered(scores, positions, k) -> (scores [..., k], positions [..., k] int64)
-  Same result as `dcpserve.attention.topk.ordered_topk` (score desc, then position asc; padded with
-  -inf / PAD_POS when k > n) but one `torch.topk` over packed int64 keys instead of two full sorts.
-  Position range: 0 <= position <= 2^32 - 2, or PAD_POS (which sorts after every real position).
-
 indexer_scores(..., keys=(I, d, rank)) -> int64 [B, max_len]
   The same scores fused with the decode top-k's key packing (`dcpserve.attention.topk.pack_keys`): each entry
   is the packed key of (score, global position of local token j), so the scores never exist as floats and
@@ -25,7 +20,7 @@ indexer_scores(..., keys=(I, d, rank)) -> int64 [B, max_len]
 compact_owned(keys, block_table, I, d, rank, page_size) -> (rows int32 [B, K], counts int32 [B])
   After the (distributed) top-k: this rank's selected tokens as local cache rows, compacted to the front.
 
-`indexer_scores_ref` / `indexer_keys_ref` / `topk_ordered_ref` are the plain torch references;
+`indexer_scores_ref` / `indexer_keys_ref` are the plain torch references;
 `compact_owned`'s is `dcpserve.attention.indexer.compact_owned`.
 
 Measured (H200, bf16 q, fp8 cache, bench/kernels_misc.py): correct to ~5e-7 relative, but only ~250 GB/s at
@@ -280,38 +275,6 @@ def indexer_keys_ref(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, bloc
     global positions of local tokens (`SlotLayout.local_position_table`)."""
     scores = indexer_scores_ref(q, w, cache, block_table, lens, page_size, scale, fp8, max_len)
     return pack_keys(scores, positions.masked_fill(scores == float("-inf"), PAD_POS))
-
-
-# ------------------------------------------------------------------------------------------------- top-k
-def _pad_to_k(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append -inf / PAD_POS entries up to k. torch.cat, not F.pad: F.pad routes its fill value through a
-    float, which turns PAD_POS into INT64_MIN."""
-    n = scores.shape[-1]
-    if k <= n:
-        return scores, positions
-    shape = scores.shape[:-1] + (k - n,)
-    return (torch.cat([scores, scores.new_full(shape, float("-inf"))], dim=-1),
-            torch.cat([positions, positions.new_full(shape, PAD_POS)], dim=-1))
-
-
-def topk_ordered(scores: torch.Tensor, positions: torch.Tensor, k: int,
-                 sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by (score desc, position asc) along the last dim; see module docstring for the limits.
-    `sort=False` returns the same set in no particular order (skips sorting the k winners)."""
-    scores, positions = _pad_to_k(scores, positions.long(), k)
-    keys = pack_keys(scores, positions)
-    idx = torch.topk(keys, k, dim=-1, largest=True, sorted=sort).indices
-    # Values come from the inputs themselves (not the keys), so they are returned bit for bit.
-    return torch.gather(scores, -1, idx), torch.gather(positions.long(), -1, idx)
-
-
-def topk_ordered_ref(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two stable sorts (position, then score desc): the order's definition."""
-    scores, positions = _pad_to_k(scores, positions.long(), k)
-    by_pos = torch.sort(positions.long(), dim=-1, stable=True).indices
-    s1, p1 = torch.gather(scores, -1, by_pos), torch.gather(positions.long(), -1, by_pos)
-    order = torch.sort(s1, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.gather(s1, -1, order), torch.gather(p1, -1, order)
 
 
 # -------------------------------------------------------------------------------------- owned-row compaction

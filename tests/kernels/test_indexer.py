@@ -1,4 +1,4 @@
-"""Indexer scoring kernel (also fused with key packing), packed-key top-k and the owned-row compaction
+"""Indexer scoring kernel (also fused with top-k key packing) and the owned-row compaction
 (dcpserve/kernels/indexer.py) against their references.
 
 On CPU the kernel runs in Triton's interpreter on tiny shapes; on a GPU machine it runs on CUDA."""
@@ -15,15 +15,8 @@ pytest.importorskip("triton")
 
 from dcpserve.attention.indexer import compact_owned as compact_owned_torch  # noqa: E402
 from dcpserve.attention.indexer import index_scores  # noqa: E402
-from dcpserve.attention.topk import EMPTY_KEY, PAD_POS, key_positions, ordered_topk, pack_keys  # noqa: E402
-from dcpserve.kernels.indexer import (  # noqa: E402
-    compact_owned,
-    indexer_keys_ref,
-    indexer_scores,
-    indexer_scores_ref,
-    topk_ordered,
-    topk_ordered_ref,
-)
+from dcpserve.attention.topk import EMPTY_KEY, PAD_POS, key_positions, pack_keys  # noqa: E402
+from dcpserve.kernels.indexer import compact_owned, indexer_keys_ref, indexer_scores, indexer_scores_ref  # noqa: E402
 from dcpserve.kv.formats import IndexKeyFormat  # noqa: E402
 from dcpserve.kv.layout import SlotLayout  # noqa: E402
 
@@ -103,44 +96,6 @@ def test_indexer_ref_equals_engine_index_scores(fp8: bool) -> None:
         keys = fmt.decode(c["cache"].cpu()[rows])
         want = index_scores(c["q"][i : i + 1].cpu(), c["w"][i : i + 1].cpu(), keys, c["scale"])[0]
         torch.testing.assert_close(ref[i, :n], want, rtol=1e-5, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------- top-k
-def _tied_scores(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Integer-valued scores in a narrow range (many ties), some -inf, some -0.0/+0.0."""
-    s = torch.randint(-3, 4, shape, generator=gen).float()
-    s[torch.rand(shape, generator=gen) < 0.2] = float("-inf")
-    zero = s == 0
-    s[zero & (torch.rand(shape, generator=gen) < 0.5)] = -0.0
-    return s
-
-
-@pytest.mark.parametrize("n,k", [(50, 7), (50, 50), (13, 20), (300, 64), (1, 1)])
-def test_topk_ordered_matches_ordered_topk(n: int, k: int) -> None:
-    gen = torch.Generator().manual_seed(n * 1000 + k)
-    for shape in [(4, n), (2, 3, n)]:
-        scores = _tied_scores(shape, gen)
-        # Unique positions spread over the whole supported range, incl. above 2^31, plus PAD_POS entries
-        # (as in gathered candidate lists).
-        pos = torch.randperm(n, generator=gen) * (2**32 // max(n, 1)) + torch.randint(0, 5, (n,), generator=gen)
-        pos = pos.clamp(max=2**32 - 2).expand(shape).clone()
-        pos[..., -1] = PAD_POS
-        scores[..., -1] = float("-inf")
-        got_s, got_p = topk_ordered(scores.to(DEV), pos.to(DEV), k)
-        want_s, want_p = ordered_topk(scores, pos, k)
-        ref_s, ref_p = topk_ordered_ref(scores, pos, k)
-        assert torch.equal(got_p.cpu(), want_p) and torch.equal(ref_p, want_p)
-        assert torch.equal(got_s.cpu(), want_s) and torch.equal(ref_s, want_s)
-        if k > n:  # padding carries PAD_POS (not INT64_MIN) and -inf
-            assert (got_p[..., n:] == PAD_POS).all() and torch.isneginf(got_s[..., n:]).all()
-
-
-def test_topk_ordered_all_ties_prefers_low_positions() -> None:
-    scores = torch.full((2, 40), 1.5)
-    pos = torch.stack([torch.randperm(40), torch.arange(40) + 2**31])
-    s, p = topk_ordered(scores.to(DEV), pos.to(DEV), 8)
-    assert torch.equal(p.cpu(), pos.sort(-1).values[:, :8])
-    assert (s == 1.5).all()
 
 
 # ------------------------------------------------------------------------------ fused keys and compaction

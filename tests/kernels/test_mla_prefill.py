@@ -84,3 +84,32 @@ def test_prefill_ref_matches_torch_backend():
             o, l = TorchBackend().attend(q[qa:qb], rows, 64, 0.2, mask)
             torch.testing.assert_close(ref_out[qa:qb], o, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ref_lse[qa:qb], l, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_elems", [1 << 24, 300])  # one block; a few queries per block
+def test_torch_backend_sparse_prefill_equals_masked_attention(monkeypatch, block_elems):
+    """TorchBackend.prefill gathers the selected rows per query (attend_selected) instead of masking the whole
+    context: same result as attention with mask causal & selected, with -1 padding, picks past q_pos and a
+    query that selects nothing."""
+    import dcpserve.attention.backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "SELECTED_BLOCK_ELEMS", block_elems)
+    ctx, n_new = [40, 12], [5, 4]
+    q, kv, cu_q, cu_k, q_pos, fp8 = make_case(64, 16, "fp32", ctx, n_new, 4, seed=21)
+    topk = random_topk(q_pos, [40] * 5 + [12] * 4, k=16, seed=3)
+    topk[0, :] = -1
+    topk[1, :] = -1  # selections are unique per query, as the indexer's top-k gives them
+    topk[1, 2:7] = torch.tensor([39, 38, 36, 5, 0], dtype=torch.int32)  # q_pos 36: 37+ are in the future
+    fmt = LatentFormat(64, 16, fp8, torch.float32)
+    rows_all = fmt.decode(kv)
+    out, lse = TorchBackend().prefill(q, rows_all, cu_q.tolist(), cu_k.tolist(), q_pos.long(), 0.2, fmt, topk)
+    for i in range(2):
+        qa, qb, ka, kb = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        mask = torch.arange(kb - ka, device=DEV)[None, :] <= q_pos[qa:qb, None].long()
+        picked = torch.zeros_like(mask)
+        for t in range(qa, qb):
+            picked[t - qa, topk[t][topk[t] >= 0].long()] = True
+        o, l = TorchBackend().attend(q[qa:qb], rows_all[ka:kb], 64, 0.2, mask & picked)
+        torch.testing.assert_close(out[qa:qb], o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[qa:qb], l, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
