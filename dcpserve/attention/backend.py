@@ -37,9 +37,9 @@ SELECTED_BLOCK_ELEMS = 1 << 24  # bounds the gathered [queries, k, D] block of a
 
 def attend_selected(q: torch.Tensor, kv: torch.Tensor, sel: torch.Tensor, q_pos: torch.Tensor, v_dim: int,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse attention: query t of q [n, H, D] over the rows kv[sel[t]] (sel [n, k], unique per row, -1 padded; entries
-    past q_pos[t] are masked too, so the result is `attend` with mask causal & selected). Gathers the k
-    selected rows per query instead of scoring the whole context: O(n * k), not O(n * m)."""
+    """Sparse attention: query t of q [n, H, D] over the rows kv[sel[t]] (sel [n, k], unique per row, -1
+    padded; entries past q_pos[t] are masked too, so the result is `attend` with mask causal & selected).
+    Gathers the k selected rows per query instead of scoring the whole context: O(n * k), not O(n * m)."""
     n, h, _ = q.shape
     k = sel.shape[1]
     out = torch.zeros(n, h, v_dim, dtype=torch.float32, device=q.device)
