@@ -5,6 +5,7 @@ global prefix). Each rank records failures per check in a JSON file; the tests b
 process group per d serves all checks. A hung collective fails by timeout instead of hanging the suite."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -17,9 +18,11 @@ import torch.multiprocessing as mp
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 CHECKS = ["gather_heads", "merge_a2a", "merge_ag_rs", "merge_empty_shards", "merge_nan_garbage_a2a",
-          "merge_nan_garbage_ag_rs", "decode_select_sharded", "decode_select_one_rank", "gather_prefix_rows"]
+          "merge_nan_garbage_ag_rs", "decode_select_sharded", "decode_select_one_rank", "gather_prefix_rows",
+          "merge_a2a_triton", "decode_select_triton"]
 NEG = float("-inf")
 TIMEOUT_S = 60
+TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _free_port() -> int:
@@ -73,11 +76,16 @@ def _partials(g: torch.Generator, d: int, empty_mode: str):
     return outs, lses, ref, full, h
 
 
-def _check_merge(ps, g, name, empty_mode="random", garbage=False) -> str | None:
-    from dcpserve.attention.backend import TorchBackend
+def _backend(name: str):
+    from dcpserve.attention.backend import get_backend
+
+    return get_backend(name)  # "triton": the kernels in Triton's interpreter (TRITON_INTERPRET, set by conftest)
+
+
+def _check_merge(ps, g, name, empty_mode="random", garbage=False, backend="torch") -> str | None:
     from dcpserve.attention.dcp import merge_a2a, merge_ag_rs
 
-    be = TorchBackend()
+    be = _backend(backend)
     d, r = ps.dcp_size, ps.dcp_rank
     outs, lses, ref, full, h = _partials(g, d, empty_mode)
     mine_o, mine_l = outs[r].clone(), lses[r].clone()
@@ -105,7 +113,7 @@ def _check_gather_heads(ps, g) -> str | None:
     return None if torch.equal(got, want) else "gathered heads out of DCP-rank order"
 
 
-def _check_decode_select(ps, g, one_rank=False) -> str | None:
+def _check_decode_select(ps, g, one_rank=False, triton=False) -> str | None:
     from dcpserve.attention.indexer import compact_owned, select_sharded
     from dcpserve.attention.topk import PAD_POS, key_positions, ordered_topk, pack_keys
     from dcpserve.engine.forward_batch import SeqPlan, StepPlan, build_forward_batch
@@ -141,9 +149,13 @@ def _check_decode_select(ps, g, one_rank=False) -> str | None:
         p = local_pos[i, : int(fb.local_lens[i])]
         assert p.tolist() == lay.local_positions(ctx[i], r).tolist()
         scores[i, : len(p)] = full_scores[i][p]
-    keys = pack_keys(scores, local_pos.masked_fill(scores == float("-inf"), PAD_POS))
+    keys = pack_keys(scores, local_pos)  # PAD_POS past the local lengths: EMPTY_KEY there
     top_keys = select_sharded(ps, keys, k)
     rows, counts = compact_owned(top_keys, fb.block_table, lay, r, k)
+    if triton:  # the Triton compaction kernel: the same rows in the same order, the same counts
+        t_rows, t_counts = _backend("triton").compact_owned(top_keys, fb.block_table, lay, r, k)
+        if not torch.equal(t_rows.long(), rows) or not torch.equal(t_counts.long(), counts.long()):
+            return f"triton compact_owned {t_rows.tolist()} / {t_counts.tolist()} != {rows.tolist()} / {counts.tolist()}"
     top = key_positions(top_keys)
     for i, c in enumerate(ctx):
         _, want_top = ordered_topk(full_scores[i].view(1, -1), torch.arange(c).view(1, -1), k)
@@ -203,6 +215,9 @@ def _rank_main(rank: int, d: int, init_method: str, outdir: str) -> None:
                 ("decode_select_sharded", lambda g: _check_decode_select(ps, g)),
                 ("decode_select_one_rank", lambda g: _check_decode_select(ps, g, one_rank=True)),
                 ("gather_prefix_rows", lambda g: _check_gather_prefix(ps, g)),
+                ("merge_a2a_triton", lambda g: TRITON and (_check_merge(ps, g, "a2a", backend="triton")
+                 or _check_merge(ps, g, "a2a", "rank0_empty", garbage=True, backend="triton"))),
+                ("decode_select_triton", lambda g: TRITON and _check_decode_select(ps, g, triton=True)),
             ]
             for j, (name, fn) in enumerate(plan):
                 g = torch.Generator().manual_seed(1000 * seed + j)
@@ -301,3 +316,14 @@ def test_decode_select_sharded_all_on_one_rank(group_results):
 def test_gather_prefix_rows_global_order(group_results):
     """Prefix lengths including 0 and fewer than d; float rows and raw byte rows."""
     _assert_ok(group_results, "gather_prefix_rows")
+
+
+@pytest.mark.skipif(not TRITON, reason="triton not installed")
+def test_merge_a2a_with_the_triton_merge_kernel(group_results):
+    """The a2a merge through TritonBackend.merge (the LSE-merge kernel), NaN garbage of empty shards included."""
+    _assert_ok(group_results, "merge_a2a_triton")
+
+
+@pytest.mark.skipif(not TRITON, reason="triton not installed")
+def test_decode_select_triton_compaction_equals_torch(group_results):
+    _assert_ok(group_results, "decode_select_triton")

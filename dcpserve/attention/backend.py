@@ -134,8 +134,8 @@ class TorchBackend:
         """Decode top-k keys [B, max_len] (`pack_keys` of score and global position) of the tokens this rank's
         pool holds, laid out as `layout` says for `rank`; EMPTY_KEY past lens[b]."""
         scores = self.index_scores(q, w, cache, block_table, lens, layout.page_size, scale, fmt, max_len)
-        pos = layout.local_position_table(rank, lens, max_len, PAD_POS)
-        return pack_keys(scores, pos.masked_fill(scores == float("-inf"), PAD_POS))
+        # PAD_POS past lens[b] (where the score is -inf): those pack to EMPTY_KEY, as the Triton kernel writes.
+        return pack_keys(scores, layout.local_position_table(rank, lens, max_len, PAD_POS))
 
     def compact_owned(self, top: torch.Tensor, block_table: torch.Tensor, layout: SlotLayout, rank: int,
                       k: int) -> tuple[torch.Tensor, torch.Tensor]:

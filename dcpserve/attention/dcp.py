@@ -31,15 +31,15 @@ class Merger(Protocol):
 
 
 def merge_a2a(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """out [B, d*H, V] fp32, lse [B, d*H] -> own heads' merged out [B, H, V]. One collective, one copy
-    before it (out and LSE packed into the send layout by one cat) and the backend's merge after it."""
+    """out [B, d*H, V] fp32, lse [B, d*H] -> own heads' merged out [B, H, V]. One collective, one cat
+    before it (out and LSE straight into the send layout) and the backend's merge after it."""
     d = ps.dcp_size
     if d == 1:
         return out
     b, dh, v = out.shape
 
     def per_dest(t: torch.Tensor) -> torch.Tensor:  # [B, d*H, *] -> [d, B, H, *] (a view)
-        return t.float().view(b, d, dh // d, -1).transpose(0, 1)
+        return t.float().view(b, d, dh // d, t.shape[-1]).transpose(0, 1)
 
     pack = torch.cat([per_dest(out), per_dest(lse.unsqueeze(-1))], dim=-1)  # contiguous [d, B, H, V+1]
     recv = dcp_all_to_all(ps, pack)  # [d (source rank), B, H, V+1]

@@ -50,12 +50,6 @@ class TritonBackend(TorchBackend):
         return mla_prefill(q.contiguous(), kv.contiguous(), cu_q_t, cu_k_t, q_pos.to(torch.int32), scale,
                            fmt.kv_lora_rank, fmt.rope_dim, False, topk_pos, max_q_len=max_q)
 
-    def index_scores(self, q, w, cache, block_table, lens, page_size, scale, fmt: IndexKeyFormat, max_len):
-        if not _indexer_fits(q, fmt):
-            return super().index_scores(q, w, cache, block_table, lens, page_size, scale, fmt, max_len)
-        return indexer_scores(q.contiguous(), w.float().contiguous(), cache, block_table, lens, page_size, scale,
-                              fmt.fp8, max_len=max_len)
-
     def index_keys(self, q, w, cache, block_table, lens, layout: SlotLayout, rank: int, scale, fmt: IndexKeyFormat,
                    max_len):
         if not _indexer_fits(q, fmt):

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcpserve.attention.topk import EMPTY_KEY, PAD_POS, pack_keys
+from dcpserve.attention.topk import EMPTY_KEY, pack_keys
 _FP8 = torch.float8_e4m3fn
 
 
@@ -209,7 +209,7 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_
         raise ValueError(f"w {tuple(w.shape)} must be [B, Hi] = {(bsz, hi)}")
     if max_len is None:
         max_len = int(lens.max().item()) if bsz else 0
-    out = torch.empty(bsz, max_len, dtype=torch.int64 if keys else torch.float32, device=q.device)
+    out = torch.empty(bsz, max_len, dtype=torch.int64 if keys is not None else torch.float32, device=q.device)
     if bsz == 0 or max_len == 0:
         return out
     pos_i, pos_d, pos_r = keys or (1, 1, 0)
@@ -272,9 +272,8 @@ def indexer_keys_ref(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, bloc
                      lens: torch.Tensor, page_size: int, scale: float, fp8: bool, max_len: int,
                      positions: torch.Tensor) -> torch.Tensor:
     """Torch reference of `indexer_scores(..., keys=...)`: positions [B, max_len] is the layout's table of
-    global positions of local tokens (`SlotLayout.local_position_table`)."""
-    scores = indexer_scores_ref(q, w, cache, block_table, lens, page_size, scale, fp8, max_len)
-    return pack_keys(scores, positions.masked_fill(scores == float("-inf"), PAD_POS))
+    global positions of local tokens, PAD_POS past lens[b] (`SlotLayout.local_position_table`)."""
+    return pack_keys(indexer_scores_ref(q, w, cache, block_table, lens, page_size, scale, fp8, max_len), positions)
 
 
 # -------------------------------------------------------------------------------------- owned-row compaction
@@ -306,13 +305,13 @@ def compact_owned(keys: torch.Tensor, block_table: torch.Tensor, interleave: int
                   page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected top-k keys [B, K] (any order, EMPTY_KEY for none) -> (local rows int32 [B, K] of the tokens
     rank `rank` owns, compacted to the front, zeros behind; counts int32 [B]). The torch reference is
-    `dcpserve.attention.indexer.compact_owned` (the same rows, also in key order)."""
+    `dcpserve.attention.indexer.compact_owned` (the same rows in the same key order, as int64)."""
     bsz, k = keys.shape
     rows = torch.empty(bsz, k, dtype=torch.int32, device=keys.device)
     counts = torch.empty(bsz, dtype=torch.int32, device=keys.device)
     if bsz == 0 or k == 0:
         return rows, counts.zero_()
-    keys = keys.contiguous()
+    keys, block_table = keys.contiguous(), block_table.contiguous()
     _compact_owned_kernel[(bsz,)](keys, block_table, rows, counts, k, max(block_table.shape[1], 1),
                                   keys.stride(0), block_table.stride(0), rows.stride(0),
                                   interleave, dcp, rank, page_size * dcp,
