@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; its message says what to change."""
 
 
+def triton_fits(cfg: ModelConfig) -> bool:
+    """The Triton attention kernels tile kv_lora_rank and qk_rope_head_dim: powers of two >= 16."""
+    return all(x >= 16 and x & (x - 1) == 0 for x in (cfg.kv_lora_rank, cfg.qk_rope_head_dim))
+
+
 @dataclass
 class RopeConfig:
     theta: float = 10000.0
@@ -213,7 +218,9 @@ class EngineArgs:
     num_layers: int | None = field(default=None, metadata={"help": "override layer count (benchmarks)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    attention_backend: str = field(default="torch", metadata={"help": "torch or triton", "choices": ("torch", "triton")})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "auto (triton on CUDA when the model's dims fit its kernels, else torch), torch or triton",
+        "choices": ("auto", "torch", "triton")})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(default=128, metadata={"help": "largest decode batch captured in a graph"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
@@ -256,11 +263,9 @@ class EngineArgs:
                 raise ConfigError(msg)
         if self.num_layers is not None and not (1 <= self.num_layers):
             raise ConfigError("--num-layers must be >= 1")
-        if self.attention_backend == "triton":
-            pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
-            if not (pow2(cfg.kv_lora_rank) and pow2(cfg.qk_rope_head_dim)):
-                raise ConfigError("--attention-backend triton needs kv_lora_rank and qk_rope_head_dim to be powers of "
-                                  f"two >= 16 (got {cfg.kv_lora_rank}, {cfg.qk_rope_head_dim}): use --attention-backend torch")
+        if self.attention_backend == "triton" and not triton_fits(cfg):
+            raise ConfigError("--attention-backend triton needs kv_lora_rank and qk_rope_head_dim to be powers of "
+                              f"two >= 16 (got {cfg.kv_lora_rank}, {cfg.qk_rope_head_dim}): use --attention-backend torch")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -105,3 +105,24 @@ def test_bad_input_fails_fast_with_one_line(hf_refs, tmp_path, case):
     assert len(err_lines) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert processes_with_tag(tag) == []
+
+
+def test_attention_backend_auto_picks_triton_on_cuda_only():
+    """--attention-backend auto (the default): the torch reference on CPU, the Triton kernels (and so CUDA
+    graphs) on CUDA when Triton is installed and the model's dims fit them; an explicit choice wins."""
+    import dataclasses
+    import importlib.util
+
+    from dcpserve.config import EngineArgs, ModelConfig
+    from dcpserve.engine.worker import resolve_attention_backend
+    from dcpserve.loader.tiny import default_model_path
+
+    cfg = ModelConfig.from_pretrained(default_model_path())  # kv_lora 32, rope 16: fits the kernels
+    auto = EngineArgs()
+    assert auto.attention_backend == "auto"
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert resolve_attention_backend(auto, cfg, "cpu") == "torch"
+    assert resolve_attention_backend(auto, cfg, "cuda") == ("triton" if has_triton else "torch")
+    assert resolve_attention_backend(auto, dataclasses.replace(cfg, qk_rope_head_dim=8), "cuda") == "torch"
+    assert resolve_attention_backend(EngineArgs(attention_backend="torch"), cfg, "cuda") == "torch"
+    assert resolve_attention_backend(EngineArgs(attention_backend="triton"), cfg, "cpu") == "triton"

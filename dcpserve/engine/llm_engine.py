@@ -71,8 +71,9 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self._forget: list[str] = []
-        log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights loaded in %.1f s on %s",
-                 args.tp, args.dcp, info.num_pages, info.tokens, info.load_s, info.device)
+        log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights loaded in %.1f s on %s, "
+                 "%s attention backend", args.tp, args.dcp, info.num_pages, info.tokens, info.load_s, info.device,
+                 info.attention_backend)
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -6,6 +6,7 @@ travel over torch.distributed (gloo on CPU, NCCL on CUDA). Rank 0 samples and re
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dcpserve.attention.backend import get_backend
-from dcpserve.config import EngineArgs, ModelConfig
+from dcpserve.config import EngineArgs, ModelConfig, triton_fits
 from dcpserve.distributed.parallel import ParallelState, destroy_parallel, init_parallel
 from dcpserve.engine.forward_batch import StepPlan, build_forward_batch
 from dcpserve.engine.sampler import SampleSpec, Sampler
@@ -35,6 +36,7 @@ class WorkerInfo:
     tokens: int
     load_s: float
     device: str
+    attention_backend: str
 
 
 @dataclass
@@ -51,6 +53,16 @@ def resolve_device(args: EngineArgs) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_attention_backend(args: EngineArgs, cfg: ModelConfig, device: str) -> str:
+    """auto: the Triton kernels on CUDA (what CUDA graphs capture), when Triton is installed and the model's
+    dims fit them; the torch reference otherwise (CPU, where Triton would only run in its interpreter)."""
+    if args.attention_backend != "auto":
+        return args.attention_backend
+    if device != "cuda" or not triton_fits(cfg) or importlib.util.find_spec("triton") is None:
+        return "torch"
+    return "triton"
+
+
 def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtype:
     if args.dtype != "auto":
         return DTYPES[args.dtype]
@@ -64,6 +76,7 @@ class ModelRunner:
         self.args, self.cfg, self.ps = args, cfg, ps
         dev = ps.device
         self.dtype = resolve_dtype(args, cfg, dev.type)
+        self.backend = resolve_attention_backend(args, cfg, dev.type)
         t0 = time.time()
         torch.manual_seed(args.seed)
         with torch.device(dev):
@@ -78,18 +91,19 @@ class ModelRunner:
         num_pages = self._agree_min(plan.num_pages)
         self.pool = KVPool(cfg, self.layout, num_pages, cfg.num_hidden_layers, args.kv_cache_dtype, self.dtype,
                            args.dcp_indexer, dev)
-        self.info = WorkerInfo(num_pages, num_pages * self.layout.global_page_slots, self.load_s, str(dev))
+        self.info = WorkerInfo(num_pages, num_pages * self.layout.global_page_slots, self.load_s, str(dev),
+                               self.backend)
         max_pos = max(cfg.max_position_embeddings, args.context_length or 0)
         self.rt = AttnRuntime(self.pool, RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_pos, dev, self.dtype),
-                              get_backend(args.attention_backend), args.dcp_comm)
-        if args.attention_backend == "triton":
+                              get_backend(self.backend), args.dcp_comm)
+        if self.backend == "triton":
             for layer in self.model.layers:
                 if hasattr(layer.mlp, "fused"):
                     layer.mlp.fused = True
         self.sampler = Sampler()
         self.profiler = DecodeProfiler.from_env(ps.rank)
         self.graphs = None
-        if dev.type == "cuda" and args.attention_backend == "triton" and not args.disable_cuda_graph:
+        if dev.type == "cuda" and self.backend == "triton" and not args.disable_cuda_graph:
             from dcpserve.engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.model, self.rt, self.pool.dummy_row, self.pool.index_dummy_row,
