@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from dcpserve.bench.timing import Budget, bench_ms
+from dcpserve.kernels._common import default_tile
 
 KV_LORA, ROPE, HEADS, PAGE = 512, 64, 128, 64
 SCALE = 192 ** -0.5
@@ -119,7 +120,11 @@ def run_checks(tiles: dict) -> list[dict]:
         for ns in (None, 5):
             got = mla_decode(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8, num_splits=ns,
                              config=tiles.get(f"dense-{tag}"))
-            out.append(check(f"decode {tag} splits={ns}", got, ref))
+            out.append(check(f"decode {tag} splits={ns} ({dense_kernel(q, pool, fp8, tiles.get(f'dense-{tag}'))})",
+                             got, ref))
+        if not fp8:  # the portable kernel too, where the Hopper one took the default path
+            got = mla_decode(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8, config=default_tile(HEADS, fp8))
+            out.append(check(f"decode {tag} (portable)", got, ref))
         counts = torch.tensor([2048, 0, 777, 1500, 1], dtype=torch.int32, device="cuda")
         rows = torch.full((b, 2048), -1, dtype=torch.int32, device="cuda")
         for i, c in enumerate(counts.tolist()):
@@ -156,6 +161,13 @@ def run_checks(tiles: dict) -> list[dict]:
     return out
 
 
+def dense_kernel(q: torch.Tensor, pool: torch.Tensor, fp8: bool, tile) -> str:
+    """Which dense decode kernel mla_decode runs for these inputs: the Hopper Gluon one or the portable one."""
+    from dcpserve.kernels.mla_decode import sm90_kernel
+
+    return "sm90" if tile is None and sm90_kernel(q, pool, KV_LORA, ROPE, fp8) else "portable"
+
+
 def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, num_splits: int | None = None) -> dict:
     from dcpserve.kernels.mla_decode import mla_decode
 
@@ -169,7 +181,7 @@ def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, num_sp
     ms = bench_ms(fn)
     nbytes = batch * ctx * row_bytes(fp8)
     flops = batch * HEADS * ctx * FLOP_PER_HEAD_KEY
-    return {"cache": "fp8" if fp8 else "bf16", "batch": batch, "ctx": ctx, "ms": ms,
+    return {"cache": "fp8" if fp8 else "bf16", "kernel": dense_kernel(q, pool, fp8, tile), "batch": batch, "ctx": ctx, "ms": ms,
             "gbps": nbytes / (ms * 1e-3) / 1e9, "tflops": flops / (ms * 1e-3) / 1e12,
             "ms_graph": bench_graph_ms(fn) if batch == 1 else None}
 
@@ -259,9 +271,13 @@ def main() -> None:
                 if budget.left() < 15:
                     break
                 r = dense_case(pool, fp8, batch, ctx, tiles.get(f"dense-{tag}"))
-                r["pct_copy_bw"] = 100 * r["gbps"] / res["copy_gbps"]
-                res["dense"].append(r)
-                print("dense", r, flush=True)
+                rows = [r]
+                if r["kernel"] == "sm90":  # and the portable kernel on the same shape, for comparison
+                    rows.append(dense_case(pool, fp8, batch, ctx, default_tile(HEADS, fp8)))
+                for r in rows:
+                    r["pct_copy_bw"] = 100 * r["gbps"] / res["copy_gbps"]
+                    res["dense"].append(r)
+                    print("dense", r, flush=True)
                 save()
         for d in (1, 2, 4):
             if budget.left() < 10:
@@ -334,11 +350,11 @@ def print_table(res: dict) -> None:
           f"{ {k: v for k, v in res.get('tiles', {}).items()} }")
     bad = [c["name"] for c in res["checks"] if not c["ok"]]
     print(f"checks: {len(res['checks']) - len(bad)}/{len(res['checks'])} ok {bad if bad else ''}")
-    print(f"{'dense decode':14s} {'batch':>5s} {'ctx':>7s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s}"
+    print(f"{'dense decode':23s} {'batch':>5s} {'ctx':>7s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s}"
           f" {'graph ms':>9s}")
     for r in res["dense"]:
         g = f"{r['ms_graph']:9.3f}" if r.get("ms_graph") else ""
-        print(f"{r['cache']:14s} {r['batch']:5d} {r['ctx']:7d} {r['ms']:9.3f} {r['gbps']:7.0f} "
+        print(f"{r['cache'] + ' ' + r.get('kernel', ''):23s} {r['batch']:5d} {r['ctx']:7d} {r['ms']:9.3f} {r['gbps']:7.0f} "
               f"{r['pct_copy_bw']:6.1f} {r['tflops']:8.1f} {g}")
     print(f"{'sparse decode':14s} {'batch':>5s} {'k':>7s} {'ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s}")
     for r in res["sparse"]:
