@@ -3,7 +3,7 @@
 # PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
 # device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
-# one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine. Everything lands in $OUT: log.txt and one JSON/txt per part.
+# one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 150 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
@@ -14,8 +14,8 @@ for part in "$@"; do
   case "$part" in
   hf)
     SEL="v32-1-1 or v32-2-2-a2a-sharded or v32-4-4-ag_rs-replicated or v32-4-2-a2a-sharded or v3-4-2 or fp8-4-2"
-    timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py -k "$SEL" 2>&1 | tail -3 | tee -a "$LOG"
-    DCPSERVE_TEST_BACKEND=triton timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py \
+    timeout ${HF_TIMEOUT:-150} python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py -k "$SEL" 2>&1 | tail -3 | tee -a "$LOG"
+    DCPSERVE_TEST_BACKEND=triton timeout ${HF_TIMEOUT:-150} python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py \
         tests/test_triton_backend.py -k "$SEL or triton_backend" 2>&1 | tail -8 | tee -a "$LOG" ;;
   check)
     timeout 240 python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 2 --input-len 2100 \

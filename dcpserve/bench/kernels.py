@@ -16,9 +16,10 @@ cache at >= 75% of copy bandwidth needs > 500 TFLOP/s of bf16 MMA (H100; more on
 expect Triton to reach 300-450 TFLOP/s, i.e. roughly 45-65% of copy bandwidth on H100, with fp8 giving
 lower GB/s at similar TFLOP/s. Sparse decode at k = 2048 should clear 150 TFLOP/s (same tile, ~2 waves).
 
-Measured on H100 80GB HBM3 (copy 3002 GB/s): dense bf16 33-36% of copy bandwidth (240-262 TFLOP/s) at
-batch >= 32, ctx >= 32K, fp8 17%; sparse k = 2048 178 TFLOP/s bf16 / 167 fp8. Why dense misses 75%: see
-the mla_decode docstring (Triton duplicates the QK^T MMA across the two warpgroups of a 64-head tile).
+Measured on H100 80GB HBM3 (copy 3003 GB/s): dense bf16 54-56% of copy bandwidth (392-408 TFLOP/s) at
+batch >= 32, ctx >= 32K with the Hopper Gluon kernel (the portable Triton kernel, timed beside it: 35-36%),
+fp8 17% (portable); sparse k = 2048 180 TFLOP/s bf16 / 168 fp8. Why dense still misses 75%: see the
+mla_decode_sm90 docstring (the tensor cores idle during the softmax).
 """
 from __future__ import annotations
 

@@ -30,8 +30,10 @@ Measured (H100 80GB HBM3, copy 3002 GB/s, triton 3.6; `python -m dcpserve.bench.
 tile warpsPerCTA [8, 1] with 8 warps (its rule for a dot feeding another dot), so both warpgroups compute
 the same 64 x BLOCK_N scores: 1.53x the useful MMA work, with small n32 wgmma instructions, and no overlap
 of softmax with the MMAs (no warp specialization; 255 registers/thread leave room for one CTA per SM).
-Reaching 75% of copy bandwidth needs a FlashMLA-class kernel (CUTLASS or Gluon with explicit warpgroup
-roles), not tile tuning: BLOCK_N 32/64/128 and 2-3 stages were tried, 64 x 2 stages is best.
+Tile tuning does not fix that (BLOCK_N 32/64/128 and 2-3 stages were tried, 64 x 2 stages is best), so
+on Hopper with a bf16 cache and >= 64 heads `mla_decode` runs `mla_decode_sm90` instead, a Gluon kernel that
+places the layouts by hand (54-56% of copy bandwidth); this kernel serves everything else (fp8 caches, fewer
+heads, other GPUs, the CPU interpreter).
 """
 from __future__ import annotations
 

@@ -23,8 +23,18 @@ draining the previous P V) measured 1-3% slower on H100.
 
 Measured (H100 80GB HBM3, copy 3001 GB/s, 128 heads, page 64, `python -m dcpserve.bench.kernels`): 53-56% of
 copy bandwidth (388-409 TFLOP/s) at batch >= 32 and context >= 32K, against 35-36% (252-263 TFLOP/s) for
-the portable kernel. What is left: the tensor cores idle while both warpgroups run the softmax (they meet
-at barriers every tile), and each warpgroup's 64x32 score MMAs read all of Q from shared memory.
+the portable kernel. Predicted before measuring: 1.5x from dropping the duplicated score MMAs (the portable
+kernel does 1.53x the useful work); measured 1.55x.
+
+What is left (Nsight Compute, batch 32, ctx 32K, H100): the tensor pipe is busy 41% of the cycles, shared
+memory 56%, DRAM 39%; the same run with every block-table entry pointing at one page (all L2 hits) is no
+faster, so neither HBM bandwidth nor load latency limits it. The tensor cores idle while both warpgroups run
+the softmax between a tile's scores and its P V (they meet at barriers every tile). Two cheap fixes were
+compiled and dropped without timing: skipping the accumulator rescale unless a row max grows by 2^8 (lazy
+rescaling), and issuing the next copy after P V instead of before the softmax; at 255 registers both spill
+and make ptxas serialize the wgmma pipeline (warning C7515). Overlapping the softmax with MMAs needs a
+third K stage (no shared memory left: Q and two stages take 216 KB) or warp specialization with one
+warpgroup on scores + softmax and the other on P V, as FlashMLA does; that is the next step toward 75%.
 """
 from __future__ import annotations
 
