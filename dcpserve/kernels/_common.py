@@ -113,6 +113,14 @@ def choose_num_splits(batch: int, head_blocks: int, max_len: int, block_n: int, 
     return max(fills, key=lambda s: (fills[s], -s))
 
 
+def split_partials(out: torch.Tensor, lse: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers for the split-KV partials, [splits, *out.shape] and [splits, *lse.shape], that `merge_lse`
+    combines into out / lse. With one split the kernel writes the final tensors in place (no merge)."""
+    if num_splits == 1:
+        return out.unsqueeze(0), lse.unsqueeze(0)
+    return out.new_empty(num_splits, *out.shape), lse.new_empty(num_splits, *lse.shape)
+
+
 def attention_fp32(q: torch.Tensor, kv: torch.Tensor, v_dim: int, scale: float,
                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention in fp32 for the references. q [n, H, D], kv [m, D] (values = first v_dim

@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from dcpserve.kernels._common import (LOG2E, TileConfig, check_cache, check_latent_dims, choose_num_splits,
-                                      default_tile, fp8_block, interpreting, num_sms, attention_fp32)
+                                      default_tile, fp8_block, interpreting, num_sms, attention_fp32,
+                                      split_partials)
 from dcpserve.kernels._mla_tile import attend_tile, finish_rows, load_latent_tile
 from dcpserve.kernels.merge import merge_lse
 
@@ -141,11 +142,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     lse = torch.empty(b, n_heads, dtype=torch.float32, device=q.device)
     if b == 0:
         return out, lse
-    if num_splits == 1:
-        part_o, part_l = out.unsqueeze(0), lse.unsqueeze(0)  # one split is already final: write in place
-    else:
-        part_o = torch.empty(num_splits, b, n_heads, kv_lora_rank, dtype=torch.float32, device=q.device)
-        part_l = torch.empty(num_splits, b, n_heads, dtype=torch.float32, device=q.device)
+    part_o, part_l = split_partials(out, lse, num_splits)
     if sm90:
         sm90.launch(q, cache, block_table, lens, part_o, part_l, page_size, scale, num_splits)
     else:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from dcpserve.kernels._common import (LOG2E, TileConfig, attention_fp32, check_cache, check_latent_dims,
-                                      choose_num_splits, default_tile, fp8_block, num_sms)
+                                      choose_num_splits, default_tile, fp8_block, num_sms, split_partials)
 from dcpserve.kernels._mla_tile import attend_tile, finish_rows, load_latent_tile
 from dcpserve.kernels.merge import merge_lse
 from dcpserve.kernels.mla_decode import compute_dtype, decode_rows
@@ -94,11 +94,7 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
     lse = torch.empty(b, n_heads, dtype=torch.float32, device=q.device)
     if b == 0:
         return out, lse
-    if num_splits == 1:
-        part_o, part_l = out.unsqueeze(0), lse.unsqueeze(0)
-    else:
-        part_o = torch.empty(num_splits, b, n_heads, kv_lora_rank, dtype=torch.float32, device=q.device)
-        part_l = torch.empty(num_splits, b, n_heads, dtype=torch.float32, device=q.device)
+    part_o, part_l = split_partials(out, lse, num_splits)
     cdt, prec = compute_dtype(q, cache, fp8)
     grid = (head_blocks, num_splits, b)
     _mla_sparse_decode_kernel[grid](
