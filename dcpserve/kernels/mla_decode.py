@@ -37,6 +37,8 @@ heads, other GPUs, the CPU interpreter).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -107,15 +109,21 @@ def compute_dtype(q: torch.Tensor, cache: torch.Tensor, fp8: bool) -> tuple[tl.d
     return tl.bfloat16, "tf32"
 
 
-def sm90_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool):
-    """The Hopper Gluon kernel module (`mla_decode_sm90`) where it applies to these inputs, else None."""
-    if not q.is_cuda or interpreting():
-        return None
+@functools.lru_cache(maxsize=1)
+def _sm90_module():
     try:
         from dcpserve.kernels import mla_decode_sm90
     except ImportError:  # a Triton without Gluon: the portable kernel serves
         return None
-    return mla_decode_sm90 if mla_decode_sm90.supported(q, cache, kv_lora_rank, rope_dim, fp8) else None
+    return mla_decode_sm90
+
+
+def sm90_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool):
+    """The Hopper Gluon kernel module (`mla_decode_sm90`) where it applies to these inputs, else None."""
+    if not q.is_cuda or interpreting():
+        return None
+    mod = _sm90_module()
+    return mod if mod is not None and mod.supported(q, cache, kv_lora_rank, rope_dim, fp8) else None
 
 
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,

@@ -38,6 +38,7 @@ warpgroup on scores + softmax and the other on P V, as FlashMLA does; that is th
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -62,11 +63,16 @@ NUM_WARPS = 8
 LN2 = gl.constexpr(0.6931471805599453)
 
 
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:  # cached: mla_decode asks on every decode step
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
 def supported(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool) -> bool:
     """True where this kernel runs: a Hopper GPU, a bf16 latent cache of the DeepSeek dims, >= 64 heads."""
     if fp8 or not q.is_cuda or cache.dtype != torch.bfloat16 or (kv_lora_rank, rope_dim) != (KV_LORA.value, ROPE.value):
         return False
-    if q.shape[1] < BLOCK_H.value or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.shape[1] < BLOCK_H.value or not _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
         return False
     # cp.async moves 16-byte pieces, so rows must start 16-byte aligned; Triton proves that for the row
     # stride only when it is a multiple of 16 elements (576 is).
@@ -74,24 +80,36 @@ def supported(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim:
 
 
 @gluon.jit
-def _issue_tile(lat_buf, pe_buf, cache_ptr, bt_row, n0, end, row_stride,
-                PAGE: gl.constexpr, LAT_L: gl.constexpr, PE_L: gl.constexpr):
-    """Start the copy of keys [n0, n0 + BLOCK_N) (pool rows through the block table) into one stage.
+def _gather_cols(buf, cache_ptr, bt_row, n0, end, row_stride, COL0: gl.constexpr, WIDTH: gl.constexpr,
+                 PAGE: gl.constexpr, L: gl.constexpr):
+    """cp.async columns [COL0, COL0 + WIDTH) of the pool rows holding keys [n0, n0 + BLOCK_N) into `buf`.
     Keys at or past `end` are zero-filled, never read: a page's unused tail may hold anything."""
-    offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LAT_L))
+    offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L))
     valid = offs < end
     page = gl.load(bt_row + offs // PAGE, mask=valid, other=0)
     rows = page.to(gl.int64) * PAGE + offs % PAGE
-    cols = gl.arange(0, KV_LORA, layout=gl.SliceLayout(0, LAT_L))
-    async_copy.async_copy_global_to_shared(lat_buf, cache_ptr + rows[:, None] * row_stride + cols[None, :],
+    cols = COL0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, L))
+    async_copy.async_copy_global_to_shared(buf, cache_ptr + rows[:, None] * row_stride + cols[None, :],
                                            mask=valid[:, None])
-    offs_e = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, PE_L))
-    valid_e = offs_e < end
-    page_e = gl.load(bt_row + offs_e // PAGE, mask=valid_e, other=0)
-    rows_e = page_e.to(gl.int64) * PAGE + offs_e % PAGE
-    cols_e = gl.arange(0, ROPE, layout=gl.SliceLayout(0, PE_L))
-    async_copy.async_copy_global_to_shared(pe_buf, cache_ptr + rows_e[:, None] * row_stride + KV_LORA + cols_e[None, :],
-                                           mask=valid_e[:, None])
+
+
+@gluon.jit
+def _issue_tile(lat_buf, pe_buf, cache_ptr, bt_row, n0, end, row_stride,
+                PAGE: gl.constexpr, LAT_L: gl.constexpr, PE_L: gl.constexpr):
+    """Start the copy of keys [n0, n0 + BLOCK_N) into one stage: latent and rope parts."""
+    _gather_cols(lat_buf, cache_ptr, bt_row, n0, end, row_stride, 0, KV_LORA, PAGE, LAT_L)
+    _gather_cols(pe_buf, cache_ptr, bt_row, n0, end, row_stride, KV_LORA, ROPE, PAGE, PE_L)
+
+
+@gluon.jit
+def _stage_q(buf, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, COL0: gl.constexpr, WIDTH: gl.constexpr,
+             L: gl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of this program's BLOCK_H query heads into `buf` as bf16 (rows past
+    n_heads are zeros)."""
+    heads = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, L))
+    rows = q_ptr + pid_b * stride_qb + heads.to(gl.int64)[:, None] * stride_qh
+    cols = COL0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, L))
+    buf.store(gl.load(rows + cols[None, :], mask=heads[:, None] < n_heads, other=0.0).to(gl.bfloat16))
 
 
 @gluon.jit
@@ -129,15 +147,9 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
         _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, start, end, row_stride, PAGE, LAT_L, PE_L)
     async_copy.commit_group()
 
-    # Q: once per program, through registers (bf16 for the MMA), rows past n_heads are zeros.
-    heads = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, LAT_L))
-    q_rows = q_ptr + pid_b * stride_qb + heads.to(gl.int64)[:, None] * stride_qh
-    cols = gl.arange(0, KV_LORA, layout=gl.SliceLayout(0, LAT_L))
-    q_lat_s.store(gl.load(q_rows + cols[None, :], mask=heads[:, None] < n_heads, other=0.0).to(gl.bfloat16))
-    heads_e = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, PE_L))
-    q_rows_e = q_ptr + pid_b * stride_qb + heads_e.to(gl.int64)[:, None] * stride_qh
-    cols_e = gl.arange(0, ROPE, layout=gl.SliceLayout(0, PE_L))
-    q_pe_s.store(gl.load(q_rows_e + KV_LORA + cols_e[None, :], mask=heads_e[:, None] < n_heads, other=0.0).to(gl.bfloat16))
+    # Q: once per program, through registers (bf16 for the MMA).
+    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, 0, KV_LORA, LAT_L)
+    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, KV_LORA, ROPE, PE_L)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_L))
     l_i = gl.full([BLOCK_H], 0.0, gl.float32, layout=gl.SliceLayout(1, S_L))
