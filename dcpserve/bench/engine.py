@@ -4,15 +4,18 @@ DCP sizes in turn, plus a greedy-token check across configurations.
   python -m dcpserve.bench.engine --model-path builtin:deepseek-v3.2 --load-format dummy --num-layers 4 \\
       --tp 4 --dcp 1,2,4 --batch 1 --input-len 4096 --output-len 1536 --attention-backend triton --out r.json
 
-Prints a table last and writes JSON. `--compare` runs extra configurations (e.g. the torch backend, eager
+Prints a table last and writes JSON. TPOT is the wall time after the last first token over the remaining
+steps; `step ms` is the median of the steps that decoded the whole batch, which no prefill step can skew.
+The whole batch always decodes together (`--max-running-requests` is raised to the batch if lower). `--compare` runs extra configurations (e.g. the torch backend, eager
 mode) and reports whether their greedy tokens equal the first configuration's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -31,6 +34,7 @@ class Result:
     output_len: int
     ttft_ms: float
     tpot_ms: float
+    decode_step_ms: float  # median of the steps that decoded the whole batch (no prefill in them)
     decode_tok_s: float
     total_s: float
     num_layers: int
@@ -44,8 +48,18 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(2, vocab, (batch, input_len), generator=g).tolist()
 
 
+def batch_args(args: EngineArgs, batch: int) -> EngineArgs:
+    """The batch must decode together: with fewer running slots than prompts, the rest would queue and
+    prefill while the first ones decode, and TPOT would mix both phases."""
+    if args.max_running_requests >= batch:
+        return args
+    print(f"--max-running-requests {args.max_running_requests} < batch {batch}: using {batch}", flush=True)
+    return replace(args, max_running_requests=batch)
+
+
 def run_one(args: EngineArgs, label: str, batch: int, input_len: int, output_len: int, seed: int,
             warmup: bool = True, logits: bool = False) -> Result:
+    args = batch_args(args, batch)
     eng = LLMEngine(args, record_logits=logits)
     try:
         ps = prompts(batch, input_len, eng.cfg.vocab_size, seed)
@@ -66,8 +80,13 @@ def run_one(args: EngineArgs, label: str, batch: int, input_len: int, output_len
         first: dict[str, float] = {}
         outs: dict[str, list[int]] = {str(i): [] for i in range(batch)}
         seq0_logits: list[torch.Tensor] = []
+        full_steps: list[float] = []  # durations of steps that decoded all `batch` sequences
         while eng.has_unfinished():
-            for o in eng.step():
+            s0, prefilled = time.perf_counter(), eng.stats.prefill_tokens
+            step = eng.step()
+            if eng.stats.prefill_tokens == prefilled and len(step) == batch:
+                full_steps.append(time.perf_counter() - s0)
+            for o in step:
                 outs[o.req_id] += o.new_token_ids
                 first.setdefault(o.req_id, time.perf_counter())
                 if o.req_id == "0" and o.logits is not None:
@@ -75,7 +94,8 @@ def run_one(args: EngineArgs, label: str, batch: int, input_len: int, output_len
         t1 = time.perf_counter()
         ttft = max(first.values()) - t0  # the batch's prefill is done when the last first token arrives
         tpot = (t1 - t0 - ttft) / max(output_len - 1, 1)
-        return Result(label, args.tp, args.dcp, batch, input_len, output_len, ttft * 1e3, tpot * 1e3,
+        step_ms = statistics.median(full_steps) * 1e3 if full_steps else float("nan")
+        return Result(label, args.tp, args.dcp, batch, input_len, output_len, ttft * 1e3, tpot * 1e3, step_ms,
                       batch / tpot if tpot > 0 else 0.0, t1 - t0, eng.cfg.num_hidden_layers, eng.capacity_tokens,
                       [outs[str(i)] for i in range(batch)], seq0_logits or None)
     finally:
@@ -124,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         a = EngineArgs(**{**asdict(base), "dcp": d})
         results.append(run_one(a, f"tp{a.tp}-dcp{d}", ns.batch, ns.input_len, ns.output_len, a.seed,
                                logits=ns.logits))
-        print(f"done {results[-1].label}: TTFT {results[-1].ttft_ms:.1f} ms, TPOT {results[-1].tpot_ms:.3f} ms", flush=True)
+        r = results[-1]
+        print(f"done {r.label}: TTFT {r.ttft_ms:.1f} ms, TPOT {r.tpot_ms:.3f} ms, decode step {r.decode_step_ms:.3f} ms",
+              flush=True)
     for spec in filter(None, ns.compare.split(";")):
         name, _, flags = spec.partition(":")
         over = {}
@@ -154,13 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         with open(ns.out, "w") as f:
             json.dump(report, f, indent=2)
     print(f"\n{gpu}, {ns.batch} x ({ns.input_len} in / {ns.output_len} out), {ref.num_layers} layers")
-    print(f"{'config':<22}{'TTFT ms':>10}{'TPOT ms':>10}{'tok/s':>10}{'+us/layer':>11}{'KV tokens':>12}  tokens==first")
+    print(f"{'config':<22}{'TTFT ms':>10}{'TPOT ms':>10}{'step ms':>10}{'tok/s':>10}{'+us/layer':>11}{'KV tokens':>12}"
+          "  tokens==first")
     for r in rows:
         added = f"{r['added_us_per_layer']:.1f}" if r["added_us_per_layer"] is not None else "-"
         eq = "yes" if r["tokens_equal_to_first"] else f"no (@{r['first_mismatch']})"
         if "ref_top2_gap_at_mismatch" in r:
             eq += f" gap {r['ref_top2_gap_at_mismatch']:.3f} vs noise {r['max_logit_diff_until_mismatch']:.3f}"
-        print(f"{r['label']:<22}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.3f}{r['decode_tok_s']:>10.1f}{added:>11}"
+        print(f"{r['label']:<22}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.3f}{r['decode_step_ms']:>10.3f}"
+              f"{r['decode_tok_s']:>10.1f}{added:>11}"
               f"{r['kv_tokens']:>12,}  {eq}")
     return 0
 

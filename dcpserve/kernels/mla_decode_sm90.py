@@ -34,7 +34,10 @@ compiled and dropped without timing: skipping the accumulator rescale unless a r
 rescaling), and issuing the next copy after P V instead of before the softmax; at 255 registers both spill
 and make ptxas serialize the wgmma pipeline (warning C7515). Overlapping the softmax with MMAs needs a
 third K stage (no shared memory left: Q and two stages take 216 KB) or warp specialization with one
-warpgroup on scores + softmax and the other on P V, as FlashMLA does; that is the next step toward 75%.
+warpgroup on scores + softmax and the other on P V, as FlashMLA does. A Gluon version of that (producer
+partition + two consumer warpgroups owning alternate tiles) was built, correct, and 1.37x slower on H200:
+with two stages the gathers start late, and avoiding C7514 chains the score MMAs behind the softmax
+(docs/PERF.md section 2).
 """
 from __future__ import annotations
 

@@ -37,8 +37,13 @@ class SlotLayout:
 
     def slots_of(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Global slots of token `positions` of a sequence whose global pages are `block_table`."""
+        return self.batch_slots_of(block_table[None], torch.zeros_like(positions), positions)
+
+    def batch_slots_of(self, block_tables: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Global slots of tokens of several sequences at once: token t is at `positions[t]` of sequence
+        `seq[t]`, whose global pages are row `seq[t]` of `block_tables` [B, max_pages]."""
         gps = self.global_page_slots
-        pages = block_table[torch.div(positions, gps, rounding_mode="floor")]
+        pages = block_tables[seq, torch.div(positions, gps, rounding_mode="floor")]
         return pages * gps + positions % gps
 
     def owner_of_position(self, positions: torch.Tensor) -> torch.Tensor:
