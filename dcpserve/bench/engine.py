@@ -6,8 +6,9 @@ DCP sizes in turn, plus a greedy-token check across configurations.
 
 Prints a table last and writes JSON. TPOT is the wall time after the last first token over the remaining
 steps; `step ms` is the median of the steps that decoded the whole batch, which no prefill step can skew.
-The whole batch always decodes together (`--max-running-requests` is raised to the batch if lower). `--compare` runs extra configurations (e.g. the torch backend, eager
-mode) and reports whether their greedy tokens equal the first configuration's.
+The whole batch always decodes together (`--max-running-requests` is raised to the batch if lower).
+`--compare` runs extra configurations (e.g. the torch backend, eager mode) and reports whether their greedy
+tokens equal the first configuration's.
 """
 from __future__ import annotations
 
