@@ -223,6 +223,8 @@ class EngineArgs:
         "choices": ("auto", "torch", "triton")})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(default=128, metadata={"help": "largest decode batch captured in a graph"})
+    disable_overlap_schedule: bool = field(default=False, metadata={
+        "help": "wait for each decode step's tokens before planning the next (default: plan and send it first)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV of shared prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "seed for dummy weights"})
     dist_timeout_s: int = field(default=120, metadata={"help": "collective/rendezvous timeout"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import socket
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
 from dcpserve.config import EngineArgs, ModelConfig
 
@@ -72,14 +73,23 @@ class RankGroup:
 
     def run(self, request, timeout: float | None = None):
         """Send a step to every rank; return rank 0's answer."""
+        self.send(request)
+        return self.collect(timeout)
+
+    def send(self, request) -> None:
+        """Send a message to every rank without waiting for an answer."""
         if self.closed:
             raise EngineDeadError("engine is shut down")
+        data = ForkingPickler.dumps(request)  # once, not once per rank: the plan is the same for all
         try:
             for c in self.conns:
-                c.send(request)
+                c.send_bytes(data)
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close()
             raise EngineDeadError("a rank process is gone") from None
+
+    def collect(self, timeout: float | None = None):
+        """Rank 0's next answer (answers come in the order the steps were sent)."""
         try:
             return self._collect({0}, timeout, "a step")[0]
         except BaseException:

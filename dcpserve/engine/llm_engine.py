@@ -11,8 +11,8 @@ import torch
 from dcpserve.config import ConfigError, EngineArgs, ModelConfig
 from dcpserve.distributed.launcher import RankGroup
 from dcpserve.engine.sampler import SamplingParams
-from dcpserve.engine.scheduler import Scheduler, Sequence, Status
-from dcpserve.engine.worker import StepRequest
+from dcpserve.engine.scheduler import ScheduledStep, Scheduler, Sequence, Status
+from dcpserve.engine.worker import FLUSH, StepRequest
 from dcpserve.kv.allocator import PageAllocator
 from dcpserve.kv.layout import SlotLayout
 
@@ -33,6 +33,7 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # computed by prefill steps (recomputation after preemption included)
     decode_tokens: int = 0
+    steps_ahead: int = 0  # decode steps sent before their predecessor's tokens were read (overlap scheduling)
 
 
 def load_model_config(args: EngineArgs) -> ModelConfig:
@@ -71,6 +72,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self._forget: list[str] = []
+        self._inflight: ScheduledStep | None = None  # a decode step sent ahead whose tokens are not yet read
         log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights loaded in %.1f s on %s, "
                  "%s attention backend", args.tp, args.dcp, info.num_pages, info.tokens, info.load_s, info.device,
                  info.attention_backend)
@@ -106,13 +108,38 @@ class LLMEngine:
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        step = self.scheduler.schedule()
+        """Run one step and return its tokens. With overlap scheduling (the default), a decode step's
+        successor is planned and sent before this step's tokens are awaited; it stays in flight across calls."""
+        step = self._inflight or self.scheduler.schedule()
         if step is None:
             return []
-        req = StepRequest(step.plan, step.samples, want_logits=self.record_logits, forget=tuple(self._forget))
+        nxt = None if self.args.disable_overlap_schedule else self.scheduler.schedule_ahead(step, self._finishes_next)
+        if step is not self._inflight:
+            self._send(step, hold=nxt is not None)
+        if nxt is not None:
+            self._send(nxt, hold=True)
+            self.stats.steps_ahead += 1
+        elif self._inflight is not None:
+            self.ranks.send(FLUSH)
+        self._inflight = nxt
+        outs = self._complete(step, *self._collect())
+        if self._inflight is not None and all(s.status == Status.FINISHED for s in self._inflight.seqs):
+            self.ranks.send(FLUSH)  # every sequence of the step in flight has ended: drop its tokens now
+            self._collect()
+            self._inflight = None
+        return outs
+
+    def _send(self, step: ScheduledStep, hold: bool) -> None:
+        self.ranks.send(StepRequest(step.plan, step.samples, want_logits=self.record_logits,
+                                    forget=tuple(self._forget), hold=hold))
         self._forget = []
+
+    def _collect(self) -> tuple[list[int | None], torch.Tensor | None]:
         # A rank that hangs (rather than dies) must not block the caller forever.
-        _, tokens, logits = self.ranks.run(req, timeout=max(self.args.dist_timeout_s, 300))
+        _, tokens, logits = self.ranks.collect(timeout=max(self.args.dist_timeout_s, 300))
+        return tokens, logits
+
+    def _complete(self, step: ScheduledStep, tokens: list[int | None], logits: torch.Tensor | None) -> list[StepOutput]:
         self.scheduler.complete(step, tokens)
         self._account(step)
         outs = []
@@ -127,6 +154,11 @@ class LLMEngine:
             outs.append(StepOutput(seq.req_id, [tok], reason is not None, reason,
                                    logits[i] if logits is not None else None))
         return outs
+
+    def _finishes_next(self, seq: Sequence) -> bool:
+        """Whether the token now being computed for `seq` surely ends it (length limits; a stop token
+        cannot be foreseen and costs one discarded step)."""
+        return len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.context_length
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

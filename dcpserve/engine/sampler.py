@@ -51,17 +51,16 @@ class Sampler:
     def forget(self, req_id: str) -> None:
         self.generators.pop(req_id, None)
 
-    def sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
-        greedy = logits.argmax(-1).tolist()
-        out = []
+    def sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+        """Token ids [len(specs)] on the logits' device. Nothing here waits for the device, so a step's
+        sampling can queue behind its forward while the host moves on (overlap scheduling)."""
+        out = logits.argmax(-1)
         for i, s in enumerate(specs):
-            if s.temperature <= 0:
-                out.append(greedy[i])
-                continue
-            out.append(self._sample_one(logits[i].float(), s))
+            if s.temperature > 0:
+                out[i] = self._sample_one(logits[i].float(), s)
         return out
 
-    def _sample_one(self, logits: torch.Tensor, s: SampleSpec) -> int:
+    def _sample_one(self, logits: torch.Tensor, s: SampleSpec) -> torch.Tensor:
         logits = logits / s.temperature
         if s.top_k > 0:
             kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -73,7 +72,7 @@ class Sampler:
             sp = sp.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
         gen = self._generator(s, logits.device)
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+        return torch.multinomial(probs, 1, generator=gen)[0]
 
     def _generator(self, s: SampleSpec, device: torch.device) -> torch.Generator | None:
         if s.seed is None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from dcpserve.engine.forward_batch import SeqPlan, StepPlan
 from dcpserve.engine.sampler import SampleSpec, SamplingParams
@@ -23,7 +24,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` / `remove` over its lists must not compare token lists
 class Sequence:
     req_id: str
     prompt_ids: list[int]
@@ -41,6 +42,10 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_tokens(self) -> int:
@@ -97,7 +102,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0:
                 break
-            if seq not in self.running and len(self.running) + admitted >= self.max_running:
+            if len(self.running) + admitted >= self.max_running:  # waiting sequences are never running
                 break
             if seq.num_computed == 0 and not seq.block_table:
                 self._match_prefix(seq)
@@ -124,22 +129,44 @@ class Scheduler:
         if not self.running:
             return None
         for seq in list(self.running):
-            if seq not in self.running:
-                continue
+            if seq.status != Status.RUNNING:
+                continue  # preempted by an earlier sequence of this loop
             need = self.pages_for(seq.num_tokens) - len(seq.block_table)
             while need > 0 and not self.alloc.can_allocate(need):
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
                     break
-            if seq in self.running and need > 0:
+            if seq.status == Status.RUNNING and need > 0:
                 seq.block_table += self.alloc.allocate(need)
         if not self.running:
             return None
         plans = [SeqPlan(list(s.block_table), s.num_tokens - 1, 1) for s in self.running]
-        ids = [s.tokens[-1] for s in self.running]
+        ids = [s.last_token for s in self.running]
         return ScheduledStep(StepPlan(plans, ids, is_decode=True), list(self.running),
                              [s.sample_spec() for s in self.running])
+
+    def schedule_ahead(self, step: ScheduledStep, finishes: Callable[[Sequence], bool]) -> ScheduledStep | None:
+        """The decode step after `step`, planned while `step` is still on the GPU (overlap scheduling): each
+        of its sequences is assumed to gain the one token `step` is computing, which the ranks feed in from
+        the device (`prev_rows`). Sequences that `finishes` says end with that token are left out. None when
+        the step cannot be planned ahead: `step` is not a decode step, prompts are waiting (they go first),
+        or the pool would need a preemption (the ordinary path decides those)."""
+        if not step.plan.is_decode or self.waiting:
+            return None
+        rows = [i for i, s in enumerate(step.seqs) if s.status == Status.RUNNING and not finishes(s)]
+        if not rows:
+            return None
+        seqs = [step.seqs[i] for i in rows]
+        needs = [self.pages_for(s.num_tokens + 1) - len(s.block_table) for s in seqs]
+        if not self.alloc.can_allocate(sum(needs)):
+            return None
+        for s, need in zip(seqs, needs):
+            if need > 0:
+                s.block_table += self.alloc.allocate(need)
+        plans = [SeqPlan(list(s.block_table), s.num_tokens, 1) for s in seqs]
+        samples = [replace(s.sample_spec(), step=len(s.output_ids) + 1) for s in seqs]
+        return ScheduledStep(StepPlan(plans, [-1] * len(seqs), is_decode=True, prev_rows=rows), seqs, samples)
 
     # -- bookkeeping ----------------------------------------------------------------------------------
     def _match_prefix(self, seq: Sequence) -> None:
@@ -170,6 +197,8 @@ class Scheduler:
     def _register_full_pages(self, seq: Sequence) -> None:
         n = self.alloc.page_tokens
         full = seq.num_computed // n
+        if len(seq.page_hashes) >= full:
+            return
         toks = seq.tokens
         while len(seq.page_hashes) < full:
             i = len(seq.page_hashes)

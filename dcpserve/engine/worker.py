@@ -5,13 +5,15 @@ travel over torch.distributed (gloo on CPU, NCCL on CUDA). Rank 0 samples and re
 """
 from __future__ import annotations
 
+import cProfile
 import ctypes
 import importlib.util
 import os
+import pstats
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,10 +43,33 @@ class WorkerInfo:
 
 @dataclass
 class StepRequest:
-    plan: StepPlan
-    samples: list[SampleSpec | None]  # per sequence; None: no token wanted (a middle prefill chunk)
+    """One step for every rank, or (plan None) a flush: answer the held step now.
+
+    `hold`: the driver sends the next decode step before it waits for this one's tokens (overlap
+    scheduling). Each rank then launches this step, keeps its sampled tokens on the device (broadcast from
+    rank 0, where they are sampled) for the next step's `plan.prev_rows`, and answers only after it has
+    launched that next step, so the host work of step N+1 runs while the GPU computes step N."""
+
+    plan: StepPlan | None
+    samples: list[SampleSpec | None] = field(default_factory=list)  # per sequence; None: no token wanted
     want_logits: bool = False
     forget: tuple[str, ...] = ()  # finished requests whose generators rank 0 may drop
+    hold: bool = False
+
+
+FLUSH = StepRequest(None)
+
+
+@dataclass
+class Launched:
+    """A step whose kernels are queued. On rank 0 its tokens (and logits, when wanted) are on their way to
+    host memory; `ModelRunner.finish` waits for exactly that copy."""
+
+    rows: list[int]  # sequences that sample a token
+    num_seqs: int
+    tokens: torch.Tensor | None = None  # host
+    logits: torch.Tensor | None = None  # host
+    ready: torch.cuda.Event | None = None  # recorded after the copies (CUDA only)
 
 
 def resolve_device(args: EngineArgs) -> str:
@@ -103,6 +128,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.profiler = DecodeProfiler.from_env(ps.rank)
         self.graphs = None
+        self.prev_tokens: torch.Tensor | None = None  # the held step's sampled tokens (every rank)
         if dev.type == "cuda" and self.backend == "triton" and not args.disable_cuda_graph:
             from dcpserve.engine.cuda_graph import DecodeGraphs
 
@@ -123,36 +149,78 @@ class ModelRunner:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.ps.cpu_group)
         return int(t.item())
 
-    def step(self, req: StepRequest) -> tuple[list[int | None], torch.Tensor | None]:
+    def launch(self, req: StepRequest) -> Launched:
+        """Queue the step's forward and sampling on the device; nothing here waits for the GPU."""
+        plan = req.plan
         if self.profiler is not None:
-            self.profiler.tick(req.plan.is_decode)
+            self.profiler.tick(plan.is_decode)
         for rid in req.forget:
             self.sampler.forget(rid)
-        fb = build_forward_batch(req.plan, self.layout, self.ps.dcp_rank, self.pool.dummy_row,
-                                 self.pool.index_dummy_row, self.pool.indexer_replicated, self.ps.device)
+        fb = build_forward_batch(plan, self.layout, self.ps.dcp_rank, self.pool.dummy_row,
+                                 self.pool.index_dummy_row, self.pool.indexer_replicated, self.ps.device,
+                                 self.prev_tokens)
         if self.graphs is not None and self.graphs.can_run(fb):
             logits = self.graphs.run(fb)
         else:
             logits = self.model(fb, self.rt)
-        if self.ps.rank != 0:
-            return [], None
-        idx = [i for i, s in enumerate(req.samples) if s is not None]
-        tokens: list[int | None] = [None] * len(req.samples)
-        if idx:
-            sampled = self.sampler.sample(logits[idx], [req.samples[i] for i in idx])
-            for i, t in zip(idx, sampled):
-                tokens[i] = t
-        return tokens, (logits.cpu() if req.want_logits else None)
+        rows = [i for i, s in enumerate(req.samples) if s is not None]
+        tokens = None
+        if self.ps.rank == 0 and rows:
+            # Indexing with a list would copy it to the device and wait there; decode samples every row.
+            picked = logits if len(rows) == len(req.samples) else logits[rows]
+            tokens = self.sampler.sample(picked, [req.samples[i] for i in rows])
+        if req.hold:
+            if self.ps.rank != 0:
+                tokens = torch.empty(len(rows), dtype=torch.long, device=self.ps.device)
+            if self.ps.tp_size > 1:
+                torch.distributed.broadcast(tokens, src=0, group=self.ps.tp_group)
+            self.prev_tokens = tokens
+        if self.ps.rank != 0 or tokens is None:
+            return Launched(rows, len(req.samples))
+        return self._copy_out(Launched(rows, len(req.samples)), tokens, logits if req.want_logits else None)
+
+    def _copy_out(self, step: Launched, tokens: torch.Tensor, logits: torch.Tensor | None) -> Launched:
+        # Queue the device-to-host copies now, behind this step's sampling: a blocking `.tolist()` later
+        # would also wait for the step launched after this one (same stream) and undo the overlap. Copying
+        # the logits now also reads them before the next graph replay overwrites its static output.
+        if tokens.device.type != "cuda":
+            step.tokens, step.logits = tokens, logits
+            return step
+        step.tokens = _pinned_copy(tokens)
+        if logits is not None:
+            step.logits = _pinned_copy(logits)
+        step.ready = torch.cuda.Event()
+        step.ready.record()
+        return step
+
+    @staticmethod
+    def finish(step: Launched) -> tuple[list[int | None], torch.Tensor | None]:
+        """Wait for a launched step's tokens; one per sequence (None where none was sampled)."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        out: list[int | None] = [None] * step.num_seqs
+        if step.tokens is not None:
+            for i, t in zip(step.rows, step.tokens.tolist()):
+                out[i] = t
+        return out, step.logits
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, queued on the stream (valid once an event recorded after it fires)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 class DecodeProfiler:
     """DCPSERVE_PROFILE_DIR=dir: rank 0 records decode steps [20, 30) with torch.profiler and writes the
-    per-kernel table (sorted by device time) there. For finding where a step's time goes, not for timing."""
+    per-kernel table (sorted by device time) there, a Chrome trace (chrome://tracing, Perfetto) of the
+    same steps, and a cProfile of their host-side Python (where the rank spends time between kernels).
+    For finding where a step's time goes, not for timing."""
 
     START, STOP = 20, 30
 
     def __init__(self, out_dir: str):
         self.out_dir, self.decodes, self.prof = out_dir, 0, None
+        self.host: cProfile.Profile | None = None
 
     @classmethod
     def from_env(cls, rank: int) -> "DecodeProfiler | None":
@@ -167,7 +235,10 @@ class DecodeProfiler:
                 [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
+            self.host = cProfile.Profile()
+            self.host.enable()
         elif self.decodes == self.STOP and self.prof is not None:
+            self.host.disable()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
@@ -177,7 +248,10 @@ class DecodeProfiler:
             with open(path, "w") as f:
                 f.write(self._summary() + "\n")
                 f.write(self.prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=60))
-            self.prof = None
+            self.prof.export_chrome_trace(os.path.join(self.out_dir, f"trace_{os.getpid()}.json"))
+            with open(os.path.join(self.out_dir, f"host_{os.getpid()}.txt"), "w") as f:
+                pstats.Stats(self.host, stream=f).sort_stats("cumulative").print_stats(60)
+            self.prof = self.host = None
         self.decodes += 1
 
     def _summary(self) -> str:
@@ -200,22 +274,27 @@ def _die_with_parent() -> None:
 
 def worker_main(rank: int, args: EngineArgs, cfg: ModelConfig, init_method: str, conn) -> None:
     _die_with_parent()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
     try:
         device = resolve_device(args)
+        # On CUDA the host only builds small metadata tensors, where waking a wide OpenMP pool costs
+        # milliseconds per op; on CPU the ranks share the cores for the model itself.
+        torch.set_num_threads(4 if device == "cuda" else max(1, (os.cpu_count() or 1) // args.tp))
         dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         ps = init_parallel(rank, args.tp, args.dcp, dev, init_method, args.dist_timeout_s)
         runner = ModelRunner(args, cfg, ps)
         conn.send(("ready", runner.info))
+        held: Launched | None = None
         while True:
             req = conn.recv()
             if req is None:
                 break
-            tokens, logits = runner.step(req)
-            if rank == 0:
-                conn.send(("ok", tokens, logits))
+            launched = runner.launch(req) if req.plan is not None else None
+            for step in (held, None if req.hold else launched):
+                if step is not None and rank == 0:
+                    conn.send(("ok", *runner.finish(step)))
+            held = launched if req.hold else None
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception as e:  # report, then exit: the driver tears the group down
