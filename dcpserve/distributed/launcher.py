@@ -71,11 +71,6 @@ class RankGroup:
         code = self.procs[rank].exitcode
         return f"rank {rank} exited unexpectedly during {what} (exit code {code})"
 
-    def run(self, request, timeout: float | None = None):
-        """Send a step to every rank; return rank 0's answer."""
-        self.send(request)
-        return self.collect(timeout)
-
     def send(self, request) -> None:
         """Send a message to every rank without waiting for an answer."""
         if self.closed:
