@@ -192,8 +192,16 @@ class ModelConfig:
         return cls.from_dict(raw)
 
 
+def _on_cuda(device: str) -> bool:
+    if device != "auto":
+        return device == "cuda"
+    import torch  # only here: the config module itself stays torch-free
+
+    return torch.cuda.is_available()
+
+
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3")
-DCP_COMMS = ("ag_rs", "a2a")
+DCP_COMMS = ("auto", "p2p", "a2a", "ag_rs")
 DCP_INDEXERS = ("sharded", "replicated")
 
 
@@ -204,7 +212,10 @@ class EngineArgs:
     model_path: str | None = field(default=None, metadata={"help": "HF-format checkpoint dir (default: embedded tiny model)"})
     tp: int = field(default=1, metadata={"help": "tensor-parallel size (processes)"})
     dcp: int = field(default=1, metadata={"help": "decode-context-parallel size (divides tp)"})
-    dcp_comm: str = field(default="a2a", metadata={"help": "DCP merge: ag_rs or a2a", "choices": DCP_COMMS})
+    dcp_comm: str = field(default="auto", metadata={
+        "help": "DCP decode collectives: p2p (one kernel each over peer-mapped GPU memory), a2a (NCCL all-to-all "
+                "merge), ag_rs (NCCL all-gather + reduce-scatter); auto = p2p on CUDA GPUs with peer access, else a2a",
+        "choices": DCP_COMMS})
     dcp_indexer: str = field(default="sharded", metadata={"help": "DSA indexer cache", "choices": DCP_INDEXERS})
     dcp_interleave: int = field(default=1, metadata={"help": "tokens per owner run in the slot layout"})
     page_size: int = field(default=16, metadata={"help": "KV rows per local page (global page = page_size*dcp)"})
@@ -246,6 +257,8 @@ class EngineArgs:
         for name, choices in (("dcp_comm", DCP_COMMS), ("dcp_indexer", DCP_INDEXERS), ("kv_cache_dtype", KV_CACHE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+        if self.dcp_comm == "p2p" and self.dcp > 1 and not _on_cuda(self.device):
+            raise ConfigError("--dcp-comm p2p needs CUDA GPUs: use --dcp-comm a2a (or auto) on CPU")
         if self.max_running_requests < 1 or self.chunked_prefill_size < 1:
             raise ConfigError("--max-running-requests and --chunked-prefill-size must be >= 1")
         if cfg is None:

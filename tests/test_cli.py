@@ -93,6 +93,7 @@ BAD = {
     "mismatched-checkpoint": lambda tp, ref: ["--model-path", _mismatched(tp, ref), "--tp", "2", "--dcp", "2"],
     "unsupported-model-type": lambda tp, ref: ["--model-path", _llama(tp), "--tp", "2"],
     "bad-interleave": lambda tp, ref: ["--model-path", ref, "--tp", "2", "--dcp", "2", "--dcp-interleave", "3"],
+    "p2p-on-cpu": lambda tp, ref: ["--model-path", ref, "--tp", "2", "--dcp", "2", "--dcp-comm", "p2p", "--device", "cpu"],
 }
 
 

@@ -19,6 +19,8 @@ CASES = [("v32", tp, d, comm, idx) for tp, d in LAYOUTS
          for idx in (("sharded", "replicated") if d > 1 else ("sharded",))]
 CASES += [("v3", tp, d, "ag_rs" if tp == 4 else "a2a", "sharded") for tp, d in LAYOUTS]
 CASES += [("v32-fp8", 1, 1, "a2a", "sharded"), ("v32-fp8", 4, 2, "ag_rs", "sharded")]
+# Peer-to-peer collectives exist on CUDA GPUs only (skipped on CPU).
+CASES += [("v32", 4, 4, "p2p", "sharded"), ("v32", 4, 2, "p2p", "replicated"), ("v3", 4, 2, "p2p", "sharded")]
 
 
 def run_engine(path: str, tp: int, dcp: int, comm: str = "a2a", indexer: str = "sharded", **kw) -> list[dict]:
@@ -29,6 +31,8 @@ def run_engine(path: str, tp: int, dcp: int, comm: str = "a2a", indexer: str = "
 
 @pytest.mark.parametrize("kind,tp,dcp,comm,indexer", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_matches_transformers(hf_refs, kind, tp, dcp, comm, indexer):
+    if comm == "p2p" and torch.cuda.device_count() < tp:
+        pytest.skip(f"--dcp-comm p2p needs {tp} CUDA GPUs")
     ref = hf_refs[kind]
     assert ref.min_margin > 2 * LOGIT_TOL, "reference logits too close to ties for a meaningful test"
     outs = run_engine(ref.path, tp, dcp, comm, indexer)

@@ -69,6 +69,14 @@ def paged_rows(block_table: torch.Tensor, lens: torch.Tensor, page_size: int, ma
     return torch.where(valid, pages * page_size + j % page_size, torch.zeros_like(pages)), valid
 
 
+def _into(res: tuple[torch.Tensor, torch.Tensor], dest: tuple[torch.Tensor, torch.Tensor] | None):
+    if dest is None:
+        return res
+    dest[0].copy_(res[0])
+    dest[1].copy_(res[1])
+    return dest
+
+
 class TorchBackend:
     name = "torch"
     attend = staticmethod(attend)
@@ -80,16 +88,19 @@ class TorchBackend:
         cache[rows] = fmt.encode(k)
 
     def decode(self, q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
-               page_size: int, scale: float, fmt: LatentFormat, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense paged decode: q [B, Hq, D]; sequence b's first lens[b] tokens of this pool."""
+               page_size: int, scale: float, fmt: LatentFormat, max_len: int,
+               dest: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense paged decode: q [B, Hq, D]; sequence b's first lens[b] tokens of this pool. `dest`: optional
+        (out, lse) tensors to write the result into (the p2p merge's buffer)."""
         rows, valid = paged_rows(block_table, lens, page_size, max_len)
-        return self._attend_rows(q, cache, rows, valid, scale, fmt)
+        return _into(self._attend_rows(q, cache, rows, valid, scale, fmt), dest)
 
     def sparse_decode(self, q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
-                      scale: float, fmt: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, fmt: LatentFormat,
+                      dest: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, Hq, D] over the first counts[b] entries of rows [B, kmax] (the rest is never read)."""
         valid = torch.arange(rows.shape[1], device=rows.device)[None, :] < counts[:, None]
-        return self._attend_rows(q, cache, torch.where(valid, rows.long(), 0), valid, scale, fmt)
+        return _into(self._attend_rows(q, cache, torch.where(valid, rows.long(), 0), valid, scale, fmt), dest)
 
     def _attend_rows(self, q, cache, rows, valid, scale, fmt):
         outs, lses = [], []

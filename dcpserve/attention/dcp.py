@@ -2,7 +2,8 @@
 
 Decode: all-gather the queries of the DCP group (H*d heads), attend over the tokens this rank owns,
 merge the partials by LSE (`ag_rs`: all-gather LSE + reduce-scatter outputs; `a2a`: one all-to-all of
-outputs with the LSE packed in) and keep this rank's own H heads.
+outputs with the LSE packed in; `p2p`: one kernel that reads this rank's heads' partials from the peers'
+mapped buffers and merges them, see distributed/p2p.py) and keep this rank's own H heads.
 Prefill: gather the cached prefix's rows from the group (ranks hold unequal counts: pad, then restore
 global order) and compute this rank's own heads over the whole context, as plain TP does: no merge.
 """
@@ -14,14 +15,17 @@ import torch
 
 from dcpserve.attention.merge import merge_weights, weighted
 from dcpserve.distributed.comm import dcp_all_gather, dcp_all_to_all, dcp_reduce_scatter
+from dcpserve.distributed.p2p import PeerComm
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.kv.layout import SlotLayout
 
 
-def gather_heads(ps: ParallelState, q: torch.Tensor) -> torch.Tensor:
+def gather_heads(ps: ParallelState, q: torch.Tensor, p2p: PeerComm | None = None) -> torch.Tensor:
     """[B, H, D] -> [B, d*H, D], heads in DCP-rank order (rank r's heads at chunk r)."""
     if ps.dcp_size == 1:
         return q
+    if p2p is not None and (g := p2p.gather_heads(q)) is not None:
+        return g
     g = dcp_all_gather(ps, q)  # [d, B, H, D]
     return g.permute(1, 0, 2, 3).reshape(q.shape[0], -1, q.shape[2])
 
@@ -58,8 +62,13 @@ def merge_ag_rs(ps: ParallelState, out: torch.Tensor, lse: torch.Tensor) -> torc
     return dcp_reduce_scatter(ps, scaled.view(b, d, dh // d, v).transpose(0, 1))
 
 
-def merge(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tensor, comm: str) -> torch.Tensor:
-    return merge_a2a(ps, be, out, lse) if comm == "a2a" else merge_ag_rs(ps, out, lse)
+def merge(ps: ParallelState, be: Merger, out: torch.Tensor, lse: torch.Tensor, comm: str,
+          p2p: PeerComm | None = None) -> torch.Tensor:
+    """`comm`: p2p (one kernel reading the peers' partials in place; batches too large for its buffers take
+    a2a), a2a or ag_rs."""
+    if ps.dcp_size > 1 and p2p is not None and (merged := p2p.merge(out, lse)) is not None:
+        return merged
+    return merge_ag_rs(ps, out, lse) if comm == "ag_rs" else merge_a2a(ps, be, out, lse)
 
 
 def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int], local: list[torch.Tensor],

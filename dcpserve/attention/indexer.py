@@ -15,6 +15,7 @@ import torch
 
 from dcpserve.attention.topk import PAD_POS, key_positions, topk_keys
 from dcpserve.distributed.comm import dcp_all_gather
+from dcpserve.distributed.p2p import PeerComm
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.kv.layout import SlotLayout
 
@@ -34,13 +35,15 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
 PREFILL_SCORE_CHUNK = 256
 
 
-def select_sharded(ps: ParallelState, keys: torch.Tensor, k: int) -> torch.Tensor:
+def select_sharded(ps: ParallelState, keys: torch.Tensor, k: int, p2p: PeerComm | None = None) -> torch.Tensor:
     """Exact distributed top-k: keys [B, n] of this rank's tokens -> the global top-k keys [B, k] (any
     order, EMPTY_KEY where fewer exist), the same on every rank. Every member of the global top-k is in its
     owner's local top-k, so the top-k of the union of the local ones is the global one."""
     cand = topk_keys(keys, k)
     if ps.dcp_size == 1:
         return cand
+    if p2p is not None and (rows := p2p.gather_rows(cand)) is not None:
+        return topk_keys(rows, k)  # [B, d*k]
     gathered = dcp_all_gather(ps, cand)  # [d, B, k]
     return topk_keys(gathered.permute(1, 0, 2).reshape(keys.shape[0], -1), k)
 

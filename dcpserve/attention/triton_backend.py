@@ -34,13 +34,13 @@ class TritonBackend(TorchBackend):
     def write_index(self, cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, fmt: IndexKeyFormat) -> None:
         write_index_keys(cache, rows, k, fmt.fp8)
 
-    def decode(self, q, cache, block_table, lens, page_size, scale, fmt: LatentFormat, max_len):
+    def decode(self, q, cache, block_table, lens, page_size, scale, fmt: LatentFormat, max_len, dest=None):
         return mla_decode(q, cache, block_table, lens, page_size, scale, fmt.kv_lora_rank, fmt.rope_dim, fmt.fp8,
-                          max_len=max_len)
+                          max_len=max_len, out=dest)
 
-    def sparse_decode(self, q, cache, rows, counts, scale, fmt: LatentFormat):
+    def sparse_decode(self, q, cache, rows, counts, scale, fmt: LatentFormat, dest=None):
         return mla_sparse_decode(q, cache, rows.to(torch.int32), counts.to(torch.int32), scale, fmt.kv_lora_rank,
-                                 fmt.rope_dim, fmt.fp8)
+                                 fmt.rope_dim, fmt.fp8, out=dest)
 
     def prefill(self, q, kv, cu_q, cu_k, q_pos, scale, fmt: LatentFormat, topk_pos):
         dev = q.device

@@ -3,7 +3,7 @@
 # PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
 # device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
-# one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 150 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
+# one GPU), p2p (the peer-to-peer DCP collectives' GPU tests). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
@@ -13,9 +13,9 @@ for part in "$@"; do
   echo "=== $part $(date +%T)" | tee -a "$LOG"
   case "$part" in
   hf)
-    SEL="v32-1-1 or v32-2-2-a2a-sharded or v32-4-4-ag_rs-replicated or v32-4-2-a2a-sharded or v3-4-2 or fp8-4-2"
-    timeout ${HF_TIMEOUT:-150} python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py -k "$SEL" 2>&1 | tail -3 | tee -a "$LOG"
-    DCPSERVE_TEST_BACKEND=triton timeout ${HF_TIMEOUT:-150} python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py \
+    SEL="v32-1-1 or v32-2-2-a2a-sharded or v32-4-4-ag_rs-replicated or v32-4-2-a2a-sharded or v3-4-2 or fp8-4-2 or p2p"
+    timeout ${HF_TIMEOUT:-330} python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py -k "$SEL" 2>&1 | tail -3 | tee -a "$LOG"
+    DCPSERVE_TEST_BACKEND=triton timeout ${HF_TIMEOUT:-330} python -m pytest -x -q -p no:cacheprovider tests/test_hf_equivalence.py \
         tests/test_triton_backend.py -k "$SEL or triton_backend" 2>&1 | tail -8 | tee -a "$LOG" ;;
   check)
     timeout 240 python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 2 --input-len 2100 \
@@ -23,10 +23,13 @@ for part in "$@"; do
         --compare "torch-dcp1-eager:dcp=1,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager:dcp=4,disable_cuda_graph=true;triton-dcp4-repl-ag_rs:dcp=4,dcp_indexer=replicated,dcp_comm=ag_rs" \
         2>&1 | tail -9 | tee -a "$LOG" ;;
   check32)  # fp32 weights and activations: no bf16 near-ties, so greedy tokens must agree everywhere
-    timeout 170 python -m dcpserve.bench.engine $BENCH --dtype float32 --num-layers 4 --dcp 1,2,4 --batch 2 \
+    timeout ${CHECK_TIMEOUT:-170} python -m dcpserve.bench.engine $BENCH --dtype float32 --num-layers 4 --dcp 1,2,4 --batch 2 \
         --input-len 2100 --output-len 12 --logits --out "$OUT/check32.json" \
-        --compare "torch-dcp4-eager:dcp=4,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager-repl-ag_rs:dcp=4,disable_cuda_graph=true,dcp_indexer=replicated,dcp_comm=ag_rs" \
-        2>&1 | tail -9 | tee -a "$LOG" ;;
+        --compare "torch-dcp4-eager:dcp=4,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager-repl-ag_rs:dcp=4,disable_cuda_graph=true,dcp_indexer=replicated,dcp_comm=ag_rs;triton-dcp4-a2a:dcp=4,dcp_comm=a2a;triton-dcp2-eager:dcp=2,disable_cuda_graph=true" \
+        2>&1 | tail -11 | tee -a "$LOG" ;;
+  p2p)  # the peer-to-peer DCP collectives: kernels on one GPU, then 2 and 4 ranks against NCCL
+    timeout ${P2P_TIMEOUT:-300} python -m pytest -x -q -p no:cacheprovider tests/kernels/test_p2p.py tests/test_p2p_gpu.py \
+        2>&1 | tail -8 | tee -a "$LOG" ;;
   profile)
     for d in ${PROFILE_DCP:-1 4}; do
       rm -rf /tmp/prof; DCPSERVE_PROFILE_DIR=/tmp/prof timeout 120 python -m dcpserve.bench.engine $BENCH --num-layers 4 \
@@ -34,8 +37,9 @@ for part in "$@"; do
       cp /tmp/prof/*.txt "$OUT/profile_dcp$d.txt"
     done ;;
   perf)
-    timeout 300 python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 1 --input-len 4096 \
-        --output-len 1536 --out "$OUT/e2e.json" 2>&1 | tail -7 | tee -a "$LOG" ;;
+    timeout ${PERF_TIMEOUT:-420} python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 1 --input-len 4096 \
+        --output-len 1536 --ttft-repeats ${TTFT_REPEATS:-5} --out "$OUT/e2e.json" --compare "${PERF_COMPARE-tp4-dcp2-a2a:dcp=2,dcp_comm=a2a;tp4-dcp4-a2a:dcp=4,dcp_comm=a2a}" \
+        2>&1 | tail -9 | tee -a "$LOG" ;;
   acc)  # issue 5's accuracy table on GPU (needs the serve wheels: see docs/PERF.md section 6)
     timeout 560 python -m dcpserve.bench.accuracy_table --tp ${ACC_TP:-4} --dcp ${ACC_DCP:-1,2,4} --contexts 1024,4096,8192 \
         --num-questions ${ACC_N:-50} --num-facts 1 --parallel 25 --disable-tqdm --log-dir /tmp/acclogs \

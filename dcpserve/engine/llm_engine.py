@@ -74,8 +74,8 @@ class LLMEngine:
         self._forget: list[str] = []
         self._inflight: ScheduledStep | None = None  # a decode step sent ahead whose tokens are not yet read
         log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights loaded in %.1f s on %s, "
-                 "%s attention backend", args.tp, args.dcp, info.num_pages, info.tokens, info.load_s, info.device,
-                 info.attention_backend)
+                 "%s attention backend, %s DCP collectives", args.tp, args.dcp, info.num_pages, info.tokens,
+                 info.load_s, info.device, info.attention_backend, info.dcp_comm)
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

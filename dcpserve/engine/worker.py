@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dcpserve.attention.backend import get_backend
-from dcpserve.config import EngineArgs, ModelConfig, triton_fits
+from dcpserve.config import ConfigError, EngineArgs, ModelConfig, triton_fits
+from dcpserve.distributed.p2p import P2P_MAX_BATCH, PeerComm, p2p_available, plan_regions
 from dcpserve.distributed.parallel import ParallelState, destroy_parallel, init_parallel
 from dcpserve.engine.forward_batch import StepPlan, build_forward_batch
 from dcpserve.engine.sampler import SampleSpec, Sampler
@@ -39,6 +40,7 @@ class WorkerInfo:
     load_s: float
     device: str
     attention_backend: str
+    dcp_comm: str
 
 
 @dataclass
@@ -116,11 +118,12 @@ class ModelRunner:
         num_pages = self._agree_min(plan.num_pages)
         self.pool = KVPool(cfg, self.layout, num_pages, cfg.num_hidden_layers, args.kv_cache_dtype, self.dtype,
                            args.dcp_indexer, dev)
+        self.dcp_comm = self._resolve_dcp_comm()
         self.info = WorkerInfo(num_pages, num_pages * self.layout.global_page_slots, self.load_s, str(dev),
-                               self.backend)
+                               self.backend, self.dcp_comm)
         max_pos = max(cfg.max_position_embeddings, args.context_length or 0)
         self.rt = AttnRuntime(self.pool, RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_pos, dev, self.dtype),
-                              get_backend(self.backend), args.dcp_comm)
+                              get_backend(self.backend), self.dcp_comm, self._peer_comm())
         if self.backend == "triton":
             for layer in self.model.layers:
                 if hasattr(layer.mlp, "fused"):
@@ -143,6 +146,31 @@ class ModelRunner:
             used = total - free
             return max(int(total * self.args.mem_fraction_static) - used, 0)
         return int(0.5e9)
+
+    def _resolve_dcp_comm(self) -> str:
+        """auto: p2p where every rank of the group can map its peers' memory (agreed by all ranks, since a
+        group must use one kind of collective), else a2a."""
+        asked = self.args.dcp_comm
+        if self.ps.dcp_size == 1:
+            return asked if asked in ("a2a", "ag_rs") else "a2a"  # nothing is exchanged
+        why = p2p_available(self.ps)
+        everywhere = self._agree_min(int(why is None)) == 1
+        if asked == "auto":
+            return "p2p" if everywhere else "a2a"
+        if asked == "p2p" and not everywhere:
+            raise ConfigError(f"--dcp-comm p2p is unavailable here ({why or 'a peer rank cannot use it'}): "
+                              "use --dcp-comm a2a")
+        return asked
+
+    def _peer_comm(self) -> PeerComm | None:
+        if self.dcp_comm != "p2p":
+            return None
+        cfg = self.cfg
+        regions = plan_regions(min(P2P_MAX_BATCH, self.args.max_running_requests),
+                               cfg.num_attention_heads // self.ps.tp_size, self.ps.dcp_size,
+                               cfg.kv_lora_rank + cfg.qk_rope_head_dim, self.dtype.itemsize, cfg.index_topk or 0,
+                               cfg.kv_lora_rank)
+        return PeerComm(self.ps, regions)
 
     def _agree_min(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.long)

@@ -113,6 +113,12 @@ def choose_num_splits(batch: int, head_blocks: int, max_len: int, block_n: int, 
     return max(fills, key=lambda s: (fills[s], -s))
 
 
+def empty_result(b: int, heads: int, v_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode kernels' result buffers: out fp32 [B, H, V] and lse fp32 [B, H]."""
+    return (torch.empty(b, heads, v_dim, dtype=torch.float32, device=device),
+            torch.empty(b, heads, dtype=torch.float32, device=device))
+
+
 def split_partials(out: torch.Tensor, lse: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Buffers for the split-KV partials, [splits, *out.shape] and [splits, *lse.shape], that `merge_lse`
     combines into out / lse. With one split the kernel writes the final tensors in place (no merge)."""

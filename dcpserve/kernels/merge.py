@@ -19,13 +19,10 @@ fix_interpreter_scalars()
 
 
 @triton.jit
-def _merge_lse_kernel(outs_ptr, lses_ptr, out_ptr, lse_ptr, n_parts, V,
-                      stride_on, stride_om, stride_ln, stride_lm, stride_out_m,
-                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    vb = tl.program_id(1)
-    p = tl.arange(0, BLOCK_P)
-    lse = tl.load(lses_ptr + p * stride_ln + row * stride_lm, mask=p < n_parts, other=float("-inf")).to(tl.float32)
+def lse_weights(lse):
+    """Merge weights of the partials' LSEs (a vector over partials; padding lanes -inf): (w, total LSE, any).
+    NaN / +inf count as empty; w is exactly 0 for empty partials, and all-empty gives w = 0, LSE -inf.
+    Shared with the peer-to-peer merge of `kernels/p2p.py`, so both merges round identically."""
     ok = (lse == lse) & (lse != float("inf"))  # drops NaN (x != x) and +inf
     lse = tl.where(ok, lse, float("-inf"))
     mx = tl.max(lse, 0)
@@ -34,6 +31,19 @@ def _merge_lse_kernel(outs_ptr, lses_ptr, out_ptr, lse_ptr, n_parts, V,
     tot = tl.sum(w, 0)
     has = tot > 0.0
     w = w / tl.where(has, tot, 1.0)
+    total = tl.where(has, mx_safe + tl.log(tl.where(has, tot, 1.0)), float("-inf"))
+    return w, total
+
+
+@triton.jit
+def _merge_lse_kernel(outs_ptr, lses_ptr, out_ptr, lse_ptr, n_parts, V,
+                      stride_on, stride_om, stride_ln, stride_lm, stride_out_m,
+                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1)
+    p = tl.arange(0, BLOCK_P)
+    lse = tl.load(lses_ptr + p * stride_ln + row * stride_lm, mask=p < n_parts, other=float("-inf")).to(tl.float32)
+    w, total = lse_weights(lse)
     v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < V
     acc = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -44,7 +54,7 @@ def _merge_lse_kernel(outs_ptr, lses_ptr, out_ptr, lse_ptr, n_parts, V,
         acc += wi * o.to(tl.float32)
     tl.store(out_ptr + row * stride_out_m + v, acc, mask=vmask)
     if vb == 0:
-        tl.store(lse_ptr + row, tl.where(has, mx_safe + tl.log(tl.where(has, tot, 1.0)), float("-inf")))
+        tl.store(lse_ptr + row, total)
 
 
 def merge_lse(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor | None = None,

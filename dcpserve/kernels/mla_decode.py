@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from dcpserve.kernels._common import (LOG2E, TileConfig, check_cache, check_latent_dims, choose_num_splits,
-                                      default_tile, fp8_block, interpreting, num_sms, attention_fp32,
+                                      default_tile, empty_result, fp8_block, interpreting, num_sms, attention_fp32,
                                       split_partials)
 from dcpserve.kernels._mla_tile import attend_tile, finish_rows, load_latent_tile
 from dcpserve.kernels.merge import merge_lse
@@ -129,9 +129,11 @@ def sm90_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_di
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
                page_size: int, scale: float, kv_lora_rank: int, rope_dim: int, fp8: bool,
                num_splits: int | None = None, max_len: int | None = None,
-               config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               config: TileConfig | None = None,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out fp32 [B, Hq, kv_lora_rank], lse fp32 [B, Hq]). `max_len` is an optional host-side
     upper bound of `lens` used only to pick `num_splits` (default: block-table capacity; no device sync).
+    `out`: optional contiguous (out, lse) tensors of those shapes to write into.
     On Hopper with a bf16 cache of the DeepSeek dims and >= 64 heads this runs the Gluon kernel of
     `mla_decode_sm90` (1.5x faster there); elsewhere, or when a `config` is given, the portable kernel."""
     check_latent_dims(kv_lora_rank, rope_dim)
@@ -146,8 +148,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     if num_splits is None:
         bound = max_len if max_len is not None else block_table.shape[1] * page_size
         num_splits = choose_num_splits(b, head_blocks, bound, block_n, num_sms(q.device))
-    out = torch.empty(b, n_heads, kv_lora_rank, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, n_heads, dtype=torch.float32, device=q.device)
+    out, lse = out if out is not None else empty_result(b, n_heads, kv_lora_rank, q.device)
     if b == 0:
         return out, lse
     part_o, part_l = split_partials(out, lse, num_splits)

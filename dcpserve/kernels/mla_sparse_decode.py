@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from dcpserve.kernels._common import (LOG2E, TileConfig, attention_fp32, check_cache, check_latent_dims,
-                                      choose_num_splits, default_tile, fp8_block, num_sms, split_partials)
+                                      choose_num_splits, default_tile, empty_result, fp8_block, num_sms,
+                                      split_partials)
 from dcpserve.kernels._mla_tile import attend_tile, finish_rows, load_latent_tile
 from dcpserve.kernels.merge import merge_lse
 from dcpserve.kernels.mla_decode import compute_dtype, decode_rows
@@ -75,10 +76,11 @@ def _mla_sparse_decode_kernel(q_ptr, cache_ptr, rows_ptr, counts_ptr, out_ptr, l
 
 def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
                       scale: float, kv_lora_rank: int, rope_dim: int, fp8: bool,
-                      num_splits: int | None = None, config: TileConfig | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_splits: int | None = None, config: TileConfig | None = None,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out fp32 [B, Hq, kv_lora_rank], lse fp32 [B, Hq]). num_splits defaults to a choice from B
-    and kmax (= rows.shape[1], a static bound, so no device sync)."""
+    and kmax (= rows.shape[1], a static bound, so no device sync). `out`: optional contiguous (out, lse)
+    tensors of those shapes to write into."""
     check_latent_dims(kv_lora_rank, rope_dim)
     check_cache(cache, kv_lora_rank, rope_dim, fp8)
     b, n_heads, width = q.shape
@@ -90,8 +92,7 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
     head_blocks = triton.cdiv(n_heads, cfg.block_h)
     if num_splits is None:
         num_splits = choose_num_splits(b, head_blocks, rows.shape[1], cfg.block_n, num_sms(q.device))
-    out = torch.empty(b, n_heads, kv_lora_rank, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, n_heads, dtype=torch.float32, device=q.device)
+    out, lse = out if out is not None else empty_result(b, n_heads, kv_lora_rank, q.device)
     if b == 0:
         return out, lse
     part_o, part_l = split_partials(out, lse, num_splits)

@@ -13,6 +13,7 @@ from dcpserve.attention.dcp import gather_heads, gather_prefix_rows, merge
 from dcpserve.attention.indexer import PREFILL_SCORE_CHUNK, causal_topk_positions, index_scores, select_sharded
 from dcpserve.attention.topk import topk_keys
 from dcpserve.config import ModelConfig
+from dcpserve.distributed.p2p import PeerComm
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.engine.forward_batch import ForwardBatch
 from dcpserve.kv.layout import SlotLayout
@@ -30,6 +31,7 @@ class AttnRuntime:
     rope: RotaryEmbedding
     backend: TorchBackend  # or TritonBackend: same operations
     dcp_comm: str
+    p2p: PeerComm | None = None  # peer-mapped buffers when dcp_comm is p2p (distributed/p2p.py)
 
 
 class Indexer(nn.Module):
@@ -135,15 +137,18 @@ class MLA(nn.Module):
     # -- decode: DCP merge path ----------------------------------------------------------------------
     def _decode(self, q: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime, idx) -> torch.Tensor:
         c, pool, be = self.cfg, rt.pool, rt.backend
-        qg = gather_heads(self.ps, q)  # [B, d*H, 576]: the whole group's heads over this rank's tokens
+        p2p = rt.p2p  # None unless dcp > 1 with --dcp-comm p2p
+        qg = gather_heads(self.ps, q, p2p)  # [B, d*H, 576]: the whole group's heads over this rank's tokens
         cache = pool.latent[self.layer]
+        # With p2p the kernel writes its partials straight into the buffer the peers' merge reads.
+        dest = p2p.partials(qg.shape[0], q.shape[1], c.kv_lora_rank) if p2p is not None else None
         if self.indexer is not None and fb.max_ctx_len > c.index_topk:
             rows, counts = self._decode_select(fb, rt, idx[0], idx[1])
-            out, lse = be.sparse_decode(qg, cache, rows, counts, c.softmax_scale, pool.latent_fmt)
+            out, lse = be.sparse_decode(qg, cache, rows, counts, c.softmax_scale, pool.latent_fmt, dest=dest)
         else:
             out, lse = be.decode(qg, cache, fb.block_table, fb.local_lens, fb.layout.page_size, c.softmax_scale,
-                                 pool.latent_fmt, fb.max_local_len)
-        return merge(self.ps, be, out, lse, rt.dcp_comm)
+                                 pool.latent_fmt, fb.max_local_len, dest=dest)
+        return merge(self.ps, be, out, lse, rt.dcp_comm, p2p)
 
     def _decode_select(self, fb: ForwardBatch, rt: AttnRuntime, idx_q, idx_w) -> tuple[torch.Tensor, torch.Tensor]:
         """Compacted local rows [B, k] and counts [B] of the owned tokens in each sequence's global top-k."""
@@ -158,7 +163,7 @@ class MLA(nn.Module):
         else:
             keys = be.index_keys(idx_q, idx_w, cache, fb.block_table, fb.local_lens, lay, fb.dcp_rank, scale, fmt,
                                  fb.max_local_len)
-            top = select_sharded(self.ps, keys, k)
+            top = select_sharded(self.ps, keys, k, rt.p2p)
         return be.compact_owned(top, fb.block_table, lay, fb.dcp_rank, k)
 
     # -- prefill / extend: gather the cached prefix, own heads, no merge ----------------------------
