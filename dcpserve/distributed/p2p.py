@@ -16,6 +16,7 @@ batches take the NCCL path of `--dcp-comm a2a`, whose bandwidth is as good there
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
 
@@ -37,12 +38,14 @@ def p2p_available(ps: ParallelState) -> str | None:
         return "it needs CUDA GPUs"
     if ps.dcp_size > MAX_WORLD:
         return f"it supports DCP groups of at most {MAX_WORLD}"
+    if importlib.util.find_spec("triton") is None:
+        return "its kernels need Triton (pip install triton)"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:
         return "this torch build has no symmetric memory"
     me = ps.device.index
-    for peer in range(torch.cuda.device_count()):
+    for peer in ps.dcp_ranks:  # rank r runs on cuda:r (engine/worker.py)
         if peer != me and not torch.cuda.can_device_access_peer(me, peer):
             return f"GPU {me} cannot access GPU {peer} directly"
     return None
@@ -136,7 +139,9 @@ class PeerComm:
 
     def merge(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor | None:
         """This rank's heads of the group's merged attention [B, H, V] fp32; out/lse are the partials
-        (copied into the PART region unless the kernel already wrote them there)."""
+        (copied into the PART region unless the kernel already wrote them there). Rewriting PART is safe only
+        after another p2p collective since the previous merge (a layer's query gather): until a peer has
+        entered that one, it may still be reading this rank's PART."""
         b, dh, v = out.shape
         dest = self.partials(b, dh // self.table.world, v)
         if dest is None:
