@@ -2,7 +2,7 @@
 # GPU checks and benchmarks for issue 4, run on the lent 4-GPU machine:  bash dcpserve/bench/gpu_suite.sh PART...
 # PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
-# device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
+# device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager, PROFILE_PHASE=prefill for prefill steps), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
 # one GPU), p2p (the peer-to-peer DCP collectives' GPU tests). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -32,9 +32,11 @@ for part in "$@"; do
         2>&1 | tail -8 | tee -a "$LOG" ;;
   profile)
     for d in ${PROFILE_DCP:-1 4}; do
-      rm -rf /tmp/prof; DCPSERVE_PROFILE_DIR=/tmp/prof timeout 120 python -m dcpserve.bench.engine $BENCH --num-layers 4 \
-          --dcp $d --batch 1 --input-len 4096 --output-len 40 ${PROFILE_EAGER:+--disable-cuda-graph} 2>&1 | tail -2 | tee -a "$LOG"
-      cp /tmp/prof/*.txt "$OUT/profile_dcp$d.txt"
+      rm -rf /tmp/prof; DCPSERVE_PROFILE_DIR=/tmp/prof DCPSERVE_PROFILE_PHASE=${PROFILE_PHASE:-decode} timeout 120 \
+          python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp $d --batch 1 --input-len 4096 --output-len 40 \
+          --ttft-repeats 5 ${PROFILE_EAGER:+--disable-cuda-graph} 2>&1 | tail -2 | tee -a "$LOG"
+      cp /tmp/prof/profile_*.txt "$OUT/profile_${PROFILE_PHASE:-decode}_dcp$d.txt"
+      cp /tmp/prof/host_*.txt "$OUT/host_${PROFILE_PHASE:-decode}_dcp$d.txt"
     done ;;
   perf)
     timeout ${PERF_TIMEOUT:-420} python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp 1,2,4 --batch 1 --input-len 4096 \

@@ -129,7 +129,7 @@ class ModelRunner:
                 if hasattr(layer.mlp, "fused"):
                     layer.mlp.fused = True
         self.sampler = Sampler()
-        self.profiler = DecodeProfiler.from_env(ps.rank)
+        self.profiler = StepProfiler.from_env(ps.rank)
         self.graphs = None
         self.prev_tokens: torch.Tensor | None = None  # the held step's sampled tokens (every rank)
         if dev.type == "cuda" and self.backend == "triton" and not args.disable_cuda_graph:
@@ -238,34 +238,43 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
-class DecodeProfiler:
-    """DCPSERVE_PROFILE_DIR=dir: rank 0 records decode steps [20, 30) with torch.profiler and writes the
-    per-kernel table (sorted by device time) there, a Chrome trace (chrome://tracing, Perfetto) of the
-    same steps, and a cProfile of their host-side Python (where the rank spends time between kernels).
-    For finding where a step's time goes, not for timing."""
+class StepProfiler:
+    """DCPSERVE_PROFILE_DIR=dir: rank 0 records steps [START, STOP) of one phase with torch.profiler and
+    writes the per-kernel table (sorted by device time) there, a Chrome trace (chrome://tracing, Perfetto)
+    of the same steps, and a cProfile of their host-side Python (where the rank spends time between kernels).
+    DCPSERVE_PROFILE_PHASE=decode (default: decode steps [20, 30)) or prefill (prefill steps [5, 9): past
+    bench.engine's warm-up, inside its --ttft-repeats); DCPSERVE_PROFILE_STEPS=START:STOP overrides the
+    window. For finding where a step's time goes, not for timing."""
 
-    START, STOP = 20, 30
+    WINDOWS = {"decode": (20, 30), "prefill": (5, 9)}
 
-    def __init__(self, out_dir: str):
-        self.out_dir, self.decodes, self.prof = out_dir, 0, None
+    def __init__(self, out_dir: str, phase: str = "decode", window: tuple[int, int] | None = None):
+        if phase not in self.WINDOWS:
+            raise ValueError(f"DCPSERVE_PROFILE_PHASE must be one of {', '.join(self.WINDOWS)}, not {phase!r}")
+        self.out_dir, self.phase, self.seen, self.prof = out_dir, phase, 0, None
+        self.START, self.STOP = window or self.WINDOWS[phase]
         self.host: cProfile.Profile | None = None
 
     @classmethod
-    def from_env(cls, rank: int) -> "DecodeProfiler | None":
+    def from_env(cls, rank: int) -> "StepProfiler | None":
         d = os.environ.get("DCPSERVE_PROFILE_DIR")
-        return cls(d) if d and rank == 0 else None
+        if not d or rank != 0:
+            return None
+        steps = os.environ.get("DCPSERVE_PROFILE_STEPS")
+        window = tuple(int(x) for x in steps.split(":")) if steps else None
+        return cls(d, os.environ.get("DCPSERVE_PROFILE_PHASE", "decode"), window)
 
     def tick(self, is_decode: bool) -> None:
-        if not is_decode:
+        if is_decode != (self.phase == "decode"):
             return
-        if self.decodes == self.START:
+        if self.seen == self.START:
             acts = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
             self.host = cProfile.Profile()
             self.host.enable()
-        elif self.decodes == self.STOP and self.prof is not None:
+        elif self.seen == self.STOP and self.prof is not None:
             self.host.disable()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -280,14 +289,14 @@ class DecodeProfiler:
             with open(os.path.join(self.out_dir, f"host_{os.getpid()}.txt"), "w") as f:
                 pstats.Stats(self.host, stream=f).sort_stats("cumulative").print_stats(60)
             self.prof = self.host = None
-        self.decodes += 1
+        self.seen += 1
 
     def _summary(self) -> str:
         """Kernels and summed kernel time per step (graph replays included: CUPTI records their kernels)."""
         steps = self.STOP - self.START
         kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.time_range.elapsed_us() for e in kernels)
-        return (f"per decode step: {len(kernels) / steps:.0f} kernels, {busy_us / steps:.0f} us of kernel time "
+        return (f"per {self.phase} step: {len(kernels) / steps:.0f} kernels, {busy_us / steps:.0f} us of kernel time "
                 f"(averaged over {steps} steps)")
 
 
