@@ -192,12 +192,13 @@ class ModelConfig:
         return cls.from_dict(raw)
 
 
-def _on_cuda(device: str) -> bool:
+def resolve_device(device: str) -> str:
+    """--device auto: cuda when a GPU is visible, else cpu."""
     if device != "auto":
-        return device == "cuda"
+        return device
     import torch  # only here: the config module itself stays torch-free
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3")
@@ -257,7 +258,7 @@ class EngineArgs:
         for name, choices in (("dcp_comm", DCP_COMMS), ("dcp_indexer", DCP_INDEXERS), ("kv_cache_dtype", KV_CACHE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
-        if self.dcp_comm == "p2p" and self.dcp > 1 and not _on_cuda(self.device):
+        if self.dcp_comm == "p2p" and self.dcp > 1 and resolve_device(self.device) != "cuda":
             raise ConfigError("--dcp-comm p2p needs CUDA GPUs: use --dcp-comm a2a (or auto) on CPU")
         if self.max_running_requests < 1 or self.chunked_prefill_size < 1:
             raise ConfigError("--max-running-requests and --chunked-prefill-size must be >= 1")

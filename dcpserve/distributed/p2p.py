@@ -26,7 +26,6 @@ import torch.distributed as dist
 from dcpserve.distributed.parallel import ParallelState
 
 # The kernels (and Triton) are imported where used: CPU installs need neither.
-MAX_WORLD = 8  # = kernels.p2p.MAX_WORLD
 # Decode batches above this use NCCL. 4x H200, TP4 + DCP4, 4K context: p2p's step was 59 us faster at batch 8
 # and 22 us slower at batch 16 (its pulls run on at most 64 CTAs; NCCL's bandwidth catches up).
 P2P_MAX_BATCH = 8
@@ -36,10 +35,12 @@ def p2p_available(ps: ParallelState) -> str | None:
     """None when the DCP group can use peer-mapped buffers, else why not."""
     if ps.device.type != "cuda":
         return "it needs CUDA GPUs"
-    if ps.dcp_size > MAX_WORLD:
-        return f"it supports DCP groups of at most {MAX_WORLD}"
     if importlib.util.find_spec("triton") is None:
         return "its kernels need Triton (pip install triton)"
+    from dcpserve.kernels.p2p import MAX_WORLD
+
+    if ps.dcp_size > MAX_WORLD:
+        return f"it supports DCP groups of at most {MAX_WORLD}"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:
@@ -143,16 +144,18 @@ class PeerComm:
         after another p2p collective since the previous merge (a layer's query gather): until a peer has
         entered that one, it may still be reading this rank's PART."""
         b, dh, v = out.shape
-        dest = self.partials(b, dh // self.table.world, v)
+        h = dh // self.table.world
+        dest = self.partials(b, h, v)
         if dest is None:
             return None
         if out.data_ptr() != dest[0].data_ptr():
             dest[0].copy_(out)
         if lse.data_ptr() != dest[1].data_ptr():
             dest[1].copy_(lse)
-        h = dh // self.table.world
-        at = self.regions.part
         merged = torch.empty(b, h, v, dtype=torch.float32, device=out.device)
         merged_lse = torch.empty(b, h, dtype=torch.float32, device=out.device)
-        self.kernels.p2p_merge(merged, merged_lse, self.table, at, at + b * dh * v, b, h)
+        # The views' offsets into the fp32 view of the buffer are the kernel's word offsets (one layout, in
+        # `partials`).
+        self.kernels.p2p_merge(merged, merged_lse, self.table, dest[0].storage_offset(), dest[1].storage_offset(),
+                               b, h)
         return merged

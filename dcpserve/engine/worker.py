@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dcpserve.attention.backend import get_backend
-from dcpserve.config import ConfigError, EngineArgs, ModelConfig, triton_fits
+from dcpserve.config import ConfigError, EngineArgs, ModelConfig, resolve_device, triton_fits
 from dcpserve.distributed.p2p import P2P_MAX_BATCH, PeerComm, p2p_available, plan_regions
 from dcpserve.distributed.parallel import ParallelState, destroy_parallel, init_parallel
 from dcpserve.engine.forward_batch import StepPlan, build_forward_batch
@@ -72,12 +72,6 @@ class Launched:
     tokens: torch.Tensor | None = None  # host
     logits: torch.Tensor | None = None  # host
     ready: torch.cuda.Event | None = None  # recorded after the copies (CUDA only)
-
-
-def resolve_device(args: EngineArgs) -> str:
-    if args.device != "auto":
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_attention_backend(args: EngineArgs, cfg: ModelConfig, device: str) -> str:
@@ -312,7 +306,7 @@ def _die_with_parent() -> None:
 def worker_main(rank: int, args: EngineArgs, cfg: ModelConfig, init_method: str, conn) -> None:
     _die_with_parent()
     try:
-        device = resolve_device(args)
+        device = resolve_device(args.device)
         # On CUDA the host only builds small metadata tensors, where waking a wide OpenMP pool costs
         # milliseconds per op; on CPU the ranks share the cores for the model itself.
         torch.set_num_threads(4 if device == "cuda" else max(1, (os.cpu_count() or 1) // args.tp))

@@ -36,7 +36,7 @@ from dcpserve.kernels._common import interpreting
 from dcpserve.kernels.merge import lse_weights, merge_lse_ref
 
 MAX_CTAS = 64  # counters per peer; every launch's grid is at most this
-MAX_WORLD = 8  # the kernels index counters as cta * 8 + rank
+MAX_WORLD = 8  # the kernels index counters as cta * 8 + rank (distributed/p2p.py refuses larger groups)
 SIGNAL_WORDS = MAX_CTAS * MAX_WORLD  # int32 counters at the start of every rank's buffer
 
 
