@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from dcpserve.distributed.launcher import free_port
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 CHECKS = ["gather_heads", "merge_a2a", "merge_ag_rs", "merge_empty_shards", "merge_nan_garbage_a2a",
@@ -24,11 +25,6 @@ NEG = float("-inf")
 TIMEOUT_S = 60
 TRITON = importlib.util.find_spec("triton") is not None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the per-rank checks (run inside the spawned processes) -------------------------------------------------
@@ -250,7 +246,7 @@ def group_results(request, tmp_path_factory):
     d = request.param
     outdir = str(tmp_path_factory.mktemp(f"dcp{d}"))
     ctx = mp.get_context("spawn")
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(r, d, init_method, outdir), daemon=True) for r in range(d)]
     for p in procs:
         p.start()

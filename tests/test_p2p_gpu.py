@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dcpserve.distributed.launcher import free_port
+
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(NGPU < 2, reason="needs 2 CUDA GPUs")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, d: int, port: int, out_dir: str) -> None:
@@ -129,7 +125,7 @@ def test_p2p_collectives_on_gpus(d, tmp_path):
     if d > NGPU:
         pytest.skip(f"needs {d} GPUs")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, d, port, str(tmp_path))) for r in range(d)]
     for p in procs:
         p.start()

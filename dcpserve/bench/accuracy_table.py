@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dcpserve.bench.accuracy import EvalError, run_eval, warnings_for
+from dcpserve.distributed.launcher import free_port
 
 CONTEXT_MARGIN = 64  # question (11 words) + the last filler sentence's overshoot + BOS + answer tokens
 DEFAULT_START_TIMEOUT_S = 600.0  # CPU starts in ~10-20 s; a GPU start loads weights and captures graphs
@@ -36,11 +36,6 @@ STOP_TIMEOUT_S = 60.0
 class ServerFailed(RuntimeError):
     """The server exited (at start-up or later) or never became healthy; the message carries its log tail."""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_ints(text: str) -> list[int]:

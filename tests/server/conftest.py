@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from dcpserve.config import ModelConfig
+from dcpserve.distributed.launcher import free_port
 from dcpserve.loader.tiny import TINY_SPECIALS, TINY_V32_CONFIG, byte_tokenizer_json, random_weights, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,11 +25,6 @@ API_KEY = "sk-dcpserve-test"
 CONTEXT_LENGTH = 512  # small, so "prompt longer than the context" is cheap to send
 START_TIMEOUT_S = 240.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
