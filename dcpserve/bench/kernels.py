@@ -1,6 +1,6 @@
 """Attention kernel benchmark (CUDA): correctness at DeepSeek shapes, then timings.
 
-    python -m dcpserve.bench.kernels --out kernels.json [--sweep] [--budget-s 270]
+    python -m dcpserve.bench.kernels --out kernels.json [--sweep] [--budget-s 270] [--heads 16,32,64,128 --dense-only]
 
 (a) checks every attention kernel against its torch reference at kv_lora 512, rope 64, 128 query heads,
     bf16 and fp8 (656 B) caches; (b) times with `triton.testing.do_bench` (median, L2 flushed between
@@ -19,11 +19,13 @@ lower GB/s at similar TFLOP/s. Sparse decode at k = 2048 should clear 150 TFLOP/
 Measured on H100 80GB HBM3 (copy 3003 GB/s): dense bf16 54-56% of copy bandwidth (392-408 TFLOP/s) at
 batch >= 32, ctx >= 32K with the Hopper Gluon kernel (the portable Triton kernel, timed beside it: 35-36%),
 fp8 17% (portable); sparse k = 2048 180 TFLOP/s bf16 / 168 fp8. Why dense still misses 75%: see the
-mla_decode_sm90 docstring (the tensor cores idle during the softmax).
+mla_decode_sm90 docstring (the tensor cores idle during the softmax). With fewer heads dense decode is bound
+by memory: on H200 16 and 32 heads reach 70-79% of copy bandwidth at batch >= 32, ctx >= 32K (`--heads`).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -169,20 +171,22 @@ def dense_kernel(q: torch.Tensor, pool: torch.Tensor, fp8: bool, tile) -> str:
     return "sm90" if tile is None and sm90_kernel(q, pool, KV_LORA, ROPE, fp8) else "portable"
 
 
-def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, num_splits: int | None = None) -> dict:
+def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, num_splits: int | None = None,
+               heads: int = HEADS) -> dict:
     from dcpserve.kernels.mla_decode import mla_decode
 
     pages = ctx // PAGE
     # Disjoint pages per sequence in shuffled order: every byte is read from HBM, none twice.
     bt = torch.randperm(pool.shape[0] // PAGE, device="cuda")[: batch * pages].view(batch, pages).int()
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HEADS, KV_LORA + ROPE, device="cuda").bfloat16()
+    q = torch.randn(batch, heads, KV_LORA + ROPE, device="cuda").bfloat16()
     fn = lambda: mla_decode(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8, num_splits=num_splits,  # noqa: E731
                             max_len=ctx, config=tile)
     ms = bench_ms(fn)
     nbytes = batch * ctx * row_bytes(fp8)
-    flops = batch * HEADS * ctx * FLOP_PER_HEAD_KEY
-    return {"cache": "fp8" if fp8 else "bf16", "kernel": dense_kernel(q, pool, fp8, tile), "batch": batch, "ctx": ctx, "ms": ms,
+    flops = batch * heads * ctx * FLOP_PER_HEAD_KEY
+    return {"cache": "fp8" if fp8 else "bf16", "kernel": dense_kernel(q, pool, fp8, tile), "heads": heads,
+            "batch": batch, "ctx": ctx, "ms": ms,
             "gbps": nbytes / (ms * 1e-3) / 1e9, "tflops": flops / (ms * 1e-3) / 1e12,
             "ms_graph": bench_graph_ms(fn) if batch == 1 else None}
 
@@ -235,6 +239,10 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="after the table, try tile configs on the target shapes")
     ap.add_argument("--sweep-splits", action="store_true", help="time dense decode at forced split counts")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--heads", type=lambda v: [int(x) for x in v.split(",")], default=[HEADS],
+                    help="query heads per rank for the dense table, comma-separated: 128 is a TP4+DCP4 rank of the "
+                         "benchmark model (compute-bound), 32 a plain TP4 rank (memory-bound)")
+    ap.add_argument("--dense-only", action="store_true", help="only the dense decode table (skip sparse, prefill, merge)")
     ap.add_argument("--tile", action="append", default=[],
                     help="KIND=H,N,WARPS,STAGES with KIND in dense-bf16, dense-fp8, sparse-bf16, sparse-fp8")
     args = ap.parse_args()
@@ -267,20 +275,19 @@ def main() -> None:
     for fp8 in (False, True):
         tag = "fp8" if fp8 else "bf16"
         pool = make_pool(128 * 131072, fp8, seed=3)
-        for batch in (1, 32, 128):
-            for ctx in (4096, 32768, 131072):
-                if budget.left() < 15:
-                    break
-                r = dense_case(pool, fp8, batch, ctx, tiles.get(f"dense-{tag}"))
-                rows = [r]
-                if r["kernel"] == "sm90":  # and the portable kernel on the same shape, for comparison
-                    rows.append(dense_case(pool, fp8, batch, ctx, default_tile(HEADS, fp8)))
-                for r in rows:
-                    r["pct_copy_bw"] = 100 * r["gbps"] / res["copy_gbps"]
-                    res["dense"].append(r)
-                    print("dense", r, flush=True)
-                save()
-        for d in (1, 2, 4):
+        for heads, batch, ctx in itertools.product(args.heads, (1, 32, 128), (4096, 32768, 131072)):
+            if budget.left() < 15:
+                break
+            r = dense_case(pool, fp8, batch, ctx, tiles.get(f"dense-{tag}"), heads=heads)
+            rows = [r]
+            if r["kernel"] == "sm90":  # and the portable kernel on the same shape, for comparison
+                rows.append(dense_case(pool, fp8, batch, ctx, default_tile(heads, fp8), heads=heads))
+            for r in rows:
+                r["pct_copy_bw"] = 100 * r["gbps"] / res["copy_gbps"]
+                res["dense"].append(r)
+                print("dense", r, flush=True)
+            save()
+        for d in () if args.dense_only else (1, 2, 4):
             if budget.left() < 10:
                 break
             r = sparse_case(pool, fp8, 128, 2048 // d, tiles.get(f"sparse-{tag}"))
@@ -288,7 +295,7 @@ def main() -> None:
             res["sparse"].append(r)
             print("sparse", r, flush=True)
             save()
-        if not fp8 and budget.left() > 20:
+        if not fp8 and not args.dense_only and budget.left() > 20:
             res["prefill"] = prefill_cases(pool)
             save()
         del pool
@@ -351,11 +358,11 @@ def print_table(res: dict) -> None:
           f"{ {k: v for k, v in res.get('tiles', {}).items()} }")
     bad = [c["name"] for c in res["checks"] if not c["ok"]]
     print(f"checks: {len(res['checks']) - len(bad)}/{len(res['checks'])} ok {bad if bad else ''}")
-    print(f"{'dense decode':23s} {'batch':>5s} {'ctx':>7s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s}"
+    print(f"{'dense decode':23s} {'heads':>5s} {'batch':>5s} {'ctx':>7s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s}"
           f" {'graph ms':>9s}")
     for r in res["dense"]:
         g = f"{r['ms_graph']:9.3f}" if r.get("ms_graph") else ""
-        print(f"{r['cache'] + ' ' + r.get('kernel', ''):23s} {r['batch']:5d} {r['ctx']:7d} {r['ms']:9.3f} {r['gbps']:7.0f} "
+        print(f"{r['cache'] + ' ' + r.get('kernel', ''):23s} {r.get('heads', HEADS):5d} {r['batch']:5d} {r['ctx']:7d} {r['ms']:9.3f} {r['gbps']:7.0f} "
               f"{r['pct_copy_bw']:6.1f} {r['tflops']:8.1f} {g}")
     print(f"{'sparse decode':14s} {'batch':>5s} {'k':>7s} {'ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s}")
     for r in res["sparse"]:
