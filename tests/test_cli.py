@@ -108,6 +108,19 @@ def test_bad_input_fails_fast_with_one_line(hf_refs, tmp_path, case):
     assert processes_with_tag(tag) == []
 
 
+def test_more_ranks_than_gpus_fails_at_validate(monkeypatch):
+    """--tp above the visible GPU count: one clear start-up error (a rank used to die on 'invalid device
+    ordinal' after the others had started)."""
+    import torch
+
+    from dcpserve.config import ConfigError, EngineArgs
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    EngineArgs(tp=2, dcp=2, device="cuda").validate()
+    with pytest.raises(ConfigError, match="--tp 4 runs one rank per GPU, but 2 CUDA GPU"):
+        EngineArgs(tp=4, dcp=2, device="cuda").validate()
+
+
 def test_attention_backend_auto_picks_triton_on_cuda_only():
     """--attention-backend auto (the default): the torch reference on CPU, the Triton kernels (and so CUDA
     graphs) on CUDA when Triton is installed and the model's dims fit them; an explicit choice wins."""
