@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from dcpserve.attention.indexer import compact_owned
+from dcpserve.attention.indexer import (
+    PREFILL_SCORE_CHUNK,
+    causal_topk_positions,
+    compact_owned,
+    index_scores,
+)
 from dcpserve.attention.merge import merge_partials
 from dcpserve.attention.topk import PAD_POS, pack_keys, packed_topk
 from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
@@ -114,10 +119,12 @@ class TorchBackend:
         return torch.cat(outs), torch.cat(lses)
 
     def prefill(self, q: torch.Tensor, kv: torch.Tensor, cu_q: list[int], cu_k: list[int], q_pos: torch.Tensor,
-                scale: float, fmt: LatentFormat, topk_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float, fmt: LatentFormat, topk_pos: torch.Tensor | None,
+                cu_dev: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Varlen prefill: sequence i's queries q[cu_q[i]:cu_q[i+1]] over its context rows kv[cu_k[i]:cu_k[i+1]]
         (positions 0..ctx-1, already decoded), causal on q_pos; with topk_pos [T, k] (-1 padded) only the
-        selected positions."""
+        selected positions. cu_dev: cu_q and cu_k as int32 device tensors, where the caller has them (kernels
+        take those; this loop reads the lists)."""
         outs, lses = [], []
         for i in range(len(cu_q) - 1):
             qs = slice(cu_q[i], cu_q[i + 1])
@@ -147,6 +154,19 @@ class TorchBackend:
         scores = self.index_scores(q, w, cache, block_table, lens, layout.page_size, scale, fmt, max_len)
         # PAD_POS past lens[b] (where the score is -inf): those pack to EMPTY_KEY, as the Triton kernel writes.
         return pack_keys(scores, layout.local_position_table(rank, lens, max_len, PAD_POS))
+
+    def index_prefill_topk(self, q: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, q_pos: torch.Tensor,
+                           scale: float, fmt: IndexKeyFormat, k: int) -> torch.Tensor:
+        """Prefill/extend selection of one sequence: queries q [n, Hi, Di] (weights w [n, Hi]) at global
+        positions q_pos over its whole context, whose index keys are `rows` [m, ...] in cache format (row j is
+        position j). Returns int32 [n, k]: the causal top-min(k, q_pos + 1) positions in top-k order, -1 padded."""
+        keys = fmt.decode(rows)
+        k_pos = torch.arange(keys.shape[0], device=keys.device)
+        out = torch.empty(q.shape[0], k, dtype=torch.int32, device=q.device)
+        for a in range(0, q.shape[0], PREFILL_SCORE_CHUNK):  # bounds the [n, Hi, m] fp32 intermediate
+            b = min(a + PREFILL_SCORE_CHUNK, q.shape[0])
+            out[a:b] = causal_topk_positions(self, index_scores(q[a:b], w[a:b], keys, scale), q_pos[a:b], k_pos, k)
+        return out
 
     def compact_owned(self, top: torch.Tensor, block_table: torch.Tensor, layout: SlotLayout, rank: int,
                       k: int) -> tuple[torch.Tensor, torch.Tensor]:

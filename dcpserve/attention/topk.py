@@ -72,14 +72,22 @@ def key_positions(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(low == 0, torch.full_like(keys, PAD_POS), (2**32 - 1) - low)
 
 
-def topk_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest keys along the last dim, in no particular order; EMPTY_KEY-padded when k > n."""
+def topk_keys(keys: torch.Tensor, k: int, sort: bool = False) -> torch.Tensor:
+    """The k largest keys along the last dim, in no particular order (`sort`: largest first); EMPTY_KEY-padded
+    when k > n."""
     n = keys.shape[-1]
     if k > n:
         keys = torch.cat([keys, keys.new_full(keys.shape[:-1] + (k - n,), EMPTY_KEY)], dim=-1)
-    if k == keys.shape[-1]:
+    if k == keys.shape[-1] and not sort:
         return keys
-    return torch.topk(keys, k, dim=-1, largest=True, sorted=False).values
+    return torch.topk(keys, k, dim=-1, largest=True, sorted=sort).values
+
+
+def top_positions(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Packed keys [..., n] -> int64 [..., k]: the positions of the k largest in top-k order (score desc,
+    position asc), -1 where a row holds fewer than k real entries (EMPTY_KEY marks none)."""
+    pos = key_positions(topk_keys(keys, k, sort=True))
+    return torch.where(pos == PAD_POS, torch.full_like(pos, -1), pos)
 
 
 def packed_topk(scores: torch.Tensor, positions: torch.Tensor, k: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dcpserve.attention.backend import TorchBackend
+from dcpserve.attention.topk import top_positions
 from dcpserve.kernels.indexer import compact_owned, indexer_scores
 from dcpserve.kernels.kv_write import write_index_keys, write_latent
 from dcpserve.kernels.merge import merge_lse
@@ -14,6 +15,8 @@ from dcpserve.kernels.mla_prefill import mla_prefill
 from dcpserve.kernels.mla_sparse_decode import mla_sparse_decode
 from dcpserve.kv.formats import IndexKeyFormat, LatentFormat
 from dcpserve.kv.layout import SlotLayout
+
+PREFILL_KEY_BYTES = 256 << 20  # packed keys a prefill selection holds at once ([queries, context] int64)
 
 
 def _pow2(x: int) -> bool:
@@ -42,10 +45,12 @@ class TritonBackend(TorchBackend):
         return mla_sparse_decode(q, cache, rows.to(torch.int32), counts.to(torch.int32), scale, fmt.kv_lora_rank,
                                  fmt.rope_dim, fmt.fp8, out=dest)
 
-    def prefill(self, q, kv, cu_q, cu_k, q_pos, scale, fmt: LatentFormat, topk_pos):
-        dev = q.device
-        cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=dev)
-        cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=dev)
+    def prefill(self, q, kv, cu_q, cu_k, q_pos, scale, fmt: LatentFormat, topk_pos, cu_dev=None):
+        # cu_dev: the offsets already on the device (ForwardBatch.cu_dev); copying them here would be a
+        # pageable host-to-device copy per layer, each a host sync.
+        if cu_dev is None:
+            cu_dev = tuple(torch.tensor(c, dtype=torch.int32, device=q.device) for c in (cu_q, cu_k))
+        cu_q_t, cu_k_t = cu_dev
         max_q = max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0)
         return mla_prefill(q.contiguous(), kv.contiguous(), cu_q_t, cu_k_t, q_pos.to(torch.int32), scale,
                            fmt.kv_lora_rank, fmt.rope_dim, False, topk_pos, max_q_len=max_q)
@@ -56,6 +61,25 @@ class TritonBackend(TorchBackend):
             return super().index_keys(q, w, cache, block_table, lens, layout, rank, scale, fmt, max_len)
         return indexer_scores(q.contiguous(), w.float().contiguous(), cache, block_table, lens, layout.page_size,
                               scale, fmt.fp8, max_len=max_len, keys=(layout.interleave, layout.dcp, rank))
+
+    def index_prefill_topk(self, q, w, rows, q_pos, scale, fmt: IndexKeyFormat, k):
+        if not _indexer_fits(q, fmt):
+            return super().index_prefill_topk(q, w, rows, q_pos, scale, fmt, k)
+        # The decode scoring kernel with one "sequence" per query: every query reads the same flat context (one
+        # page of m rows, so row j is position j) up to its own position, and writes packed top-k keys with
+        # EMPTY_KEY after it. The fp32 [n, Hi, m] scores of the torch path never exist; the context's keys
+        # stay in L2 across queries.
+        n, m = q.shape[0], rows.shape[0]
+        table = torch.zeros(1, 1, dtype=torch.int32, device=q.device).expand(n, 1)
+        lens = (q_pos + 1).to(torch.int32)
+        out = torch.empty(n, k, dtype=torch.int32, device=q.device)
+        step = max(1, PREFILL_KEY_BYTES // (8 * max(m, 1)))  # bounds the [step, m] int64 keys
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            keys = indexer_scores(q[a:b].contiguous(), w[a:b].float().contiguous(), rows, table[a:b], lens[a:b],
+                                  max(m, 1), scale, fmt.fp8, max_len=m, keys=(1, 1, 0))
+            out[a:b] = top_positions(keys, k)
+        return out
 
     def compact_owned(self, top, block_table, layout: SlotLayout, rank: int, k: int):
         return compact_owned(top, block_table, layout.interleave, layout.dcp, rank, layout.page_size)

@@ -57,6 +57,10 @@ class ForwardBatch:
     # Prefill with DCP only: per sequence, where the prefix gather's rows go (layout.gather_order(start)),
     # on the device before the forward starts, so the layers never copy index tensors from the host.
     prefix_dest: list[torch.Tensor] = field(default_factory=list)
+    # Prefill: offsets of each sequence's whole context (prefix + new) in the flat context the layers build,
+    # and (cu_new, cu_ctx) as int32 on the device for the varlen kernels. Unused in decode.
+    cu_ctx: list[int] = field(default_factory=list)
+    cu_dev: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -107,19 +111,31 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
     write_rows = torch.where(owned, layout.local_row(slots), torch.full_like(slots, dummy_row))
     index_rows = slots if indexer_replicated else torch.where(owned, write_rows, torch.full_like(slots, index_dummy_row))
     own_rows: list[torch.Tensor] = []
+    prefix_dest: list[torch.Tensor] = []
     if plan.is_decode:  # decode reads through the block table; only the count is needed here
         local_lens = [layout.local_count(s.ctx_len, dcp_rank) for s in plan.seqs]
     else:  # prefill gathers the cached prefix's rows from the group
         local_lens = []
         for i, s in enumerate(plan.seqs):
             opos = layout.local_positions(s.start, dcp_rank)
-            own_rows.append(layout.local_rows_of_positions(table[i, : len(s.block_table)], opos).to(device))
+            own_rows.append(layout.local_rows_of_positions(table[i, : len(s.block_table)], opos))
             local_lens.append(len(opos))
+            if layout.dcp > 1:
+                prefix_dest.append(layout.gather_order(s.start))
+    cu_ctx = [0]
+    for s in plan.seqs:
+        cu_ctx.append(cu_ctx[-1] + s.ctx_len)
     i32 = torch.int32  # what the kernels take for tables and lengths
     host = [torch.tensor(plan.input_ids if plan.prev_rows is None else plan.prev_rows, dtype=torch.long),
             positions, write_rows, index_rows, torch.tensor([c - 1 for c in cu[1:]], dtype=torch.long),
-            table.to(i32), torch.tensor([s.ctx_len for s in plan.seqs], dtype=i32), torch.tensor(local_lens, dtype=i32)]
-    ids, positions, write_rows, index_rows, last_idx, table_d, ctx_lens, local_lens_d = to_device(host, device)
+            table.to(i32), torch.tensor([s.ctx_len for s in plan.seqs], dtype=i32), torch.tensor(local_lens, dtype=i32),
+            torch.tensor(cu, dtype=i32), torch.tensor(cu_ctx, dtype=i32)]
+    # The prefill's per-sequence index tensors ride in the same copy (a separate .to(device) each would wait
+    # for the previous step's kernels to finish before this step could be queued).
+    n_rows = len(own_rows)
+    dev = to_device(host + own_rows + prefix_dest, device)
+    ids, positions, write_rows, index_rows, last_idx, table_d, ctx_lens, local_lens_d, cu_d, cu_ctx_d = dev[:10]
+    own_rows, prefix_dest = dev[10 : 10 + n_rows], dev[10 + n_rows :]
     if plan.prev_rows is not None:
         if prev_tokens is None:
             raise RuntimeError("a step planned ahead arrived without the tokens of the step before it")
@@ -132,6 +148,8 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         write_rows=write_rows,
         index_write_rows=index_rows,
         cu_new=cu,
+        cu_ctx=cu_ctx,
+        cu_dev=(cu_d, cu_ctx_d),
         own_rows=own_rows,
         last_idx=last_idx,
         block_table=table_d,
@@ -141,6 +159,5 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         max_local_len=max(local_lens, default=0),
         dcp_rank=dcp_rank,
         layout=layout,
-        prefix_dest=[] if plan.is_decode or layout.dcp == 1 else
-                    [layout.gather_order(s.start).to(device) for s in plan.seqs],
+        prefix_dest=prefix_dest,
     )

@@ -186,8 +186,8 @@ def _quant_blocks_ref(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Te
     ns = -(-n // blk)
     blocks = torch.nn.functional.pad(x.float(), (0, ns * blk - n)).view(t, ns, blk)
     # A same-device tensor divisor keeps this an IEEE division on CUDA too (a Python scalar divisor makes
-    # CUDA multiply by its reciprocal, which can differ by one ulp).
-    scale = blocks.abs().amax(-1).clamp_min(1e-8) / torch.tensor(FP8_MAX, device=x.device)
+    # CUDA multiply by its reciprocal, which can differ by one ulp); filled on the device, not copied (no sync).
+    scale = blocks.abs().amax(-1).clamp_min(1e-8) / torch.full((), FP8_MAX, device=x.device)
     q = (blocks / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(_FP8).view(t, -1)[:, :n]
     return q.view(torch.uint8), scale
 

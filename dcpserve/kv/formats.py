@@ -22,8 +22,10 @@ QBLOCK = 128
 
 def _fp8_max(device: torch.device) -> torch.Tensor:
     # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal, which
-    # rounds differently from the CPU and from the Triton write kernels (a true division).
-    return torch.tensor(FP8_MAX, dtype=torch.float32, device=device)
+    # rounds differently from the CPU and from the Triton write kernels (a true division). torch.full, not
+    # torch.tensor: a fill kernel, where torch.tensor's pageable host-to-device copy waits for the stream to
+    # drain (a host sync in every prefill layer).
+    return torch.full((), FP8_MAX, dtype=torch.float32, device=device)
 
 
 @dataclass(frozen=True)

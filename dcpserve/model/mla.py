@@ -10,7 +10,7 @@ from torch import nn
 
 from dcpserve.attention.backend import TorchBackend
 from dcpserve.attention.dcp import gather_heads, gather_prefix_rows, merge
-from dcpserve.attention.indexer import PREFILL_SCORE_CHUNK, causal_topk_positions, index_scores, select_sharded
+from dcpserve.attention.indexer import select_sharded
 from dcpserve.attention.topk import topk_keys
 from dcpserve.config import ModelConfig
 from dcpserve.distributed.p2p import PeerComm
@@ -176,35 +176,31 @@ class MLA(nn.Module):
         fresh = pool.roundtrip_latent(latent)
         kv = torch.cat([t for i in range(fb.num_seqs)
                         for t in (pool.latent_fmt.decode(prefix[i]), fresh[fb.seq_tokens(i)])])
-        cu_k = [0]
-        for s in fb.seqs:
-            cu_k.append(cu_k[-1] + s.ctx_len)
         topk_pos = None
         if self.indexer is not None and fb.max_ctx_len > c.index_topk:
             topk_pos = self._prefill_select(fb, rt, idx, starts)
-        out, _ = be.prefill(q, kv, fb.cu_new, cu_k, fb.positions, c.softmax_scale, pool.latent_fmt, topk_pos)
+        out, _ = be.prefill(q, kv, fb.cu_new, fb.cu_ctx, fb.positions, c.softmax_scale, pool.latent_fmt, topk_pos,
+                            cu_dev=fb.cu_dev)
         return out
 
     def _prefill_select(self, fb: ForwardBatch, rt: AttnRuntime, idx, starts: list[int]) -> torch.Tensor:
         """[T, k] selected context positions per query (-1 padded): causal top-min(k, pos+1)."""
         idx_q, idx_w, k_idx = idx
-        pool, k = rt.pool, self.cfg.index_topk
+        pool, lay = rt.pool, fb.layout
+        cache = pool.index_keys[self.layer]
+        # Every sequence's whole context as index-cache rows (raw format; row j = position j): the cached
+        # prefix from this rank's pool (replicated) or from the group (sharded), then the fresh keys.
         if pool.indexer_replicated:
             dev = fb.positions.device
-            prefix = [pool.read_index(self.layer, fb.layout.slots_of(fb.block_table[i].long(), torch.arange(s, device=dev)))
+            prefix = [cache[lay.slots_of(fb.block_table[i].long(), torch.arange(s, device=dev))]
                       for i, s in enumerate(starts)]
         else:
-            raw = gather_prefix_rows(self.ps, fb.layout, starts, [pool.index_keys[self.layer][r] for r in fb.own_rows],
-                                     fb.prefix_dest)
-            prefix = [pool.index_fmt.decode(t) for t in raw]
-        fresh = pool.roundtrip_index(k_idx)
-        out = torch.full((fb.positions.shape[0], k), -1, dtype=torch.int32, device=fb.positions.device)
-        for i, s in enumerate(fb.seqs):
+            prefix = gather_prefix_rows(self.ps, lay, starts, [cache[r] for r in fb.own_rows], fb.prefix_dest)
+        fresh = pool.index_fmt.encode(k_idx)
+        out = torch.empty((fb.positions.shape[0], self.cfg.index_topk), dtype=torch.int32, device=fb.positions.device)
+        for i in range(fb.num_seqs):
             sl = fb.seq_tokens(i)
-            keys = torch.cat([prefix[i], fresh[sl]])
-            k_pos = torch.arange(s.ctx_len, device=keys.device)
-            for a in range(sl.start, sl.stop, PREFILL_SCORE_CHUNK):  # bounds the [n, ctx] score matrix
-                b = min(a + PREFILL_SCORE_CHUNK, sl.stop)
-                scores = index_scores(idx_q[a:b], idx_w[a:b], keys, self.indexer.scale)
-                out[a:b] = causal_topk_positions(rt.backend, scores, fb.positions[a:b], k_pos, k)
+            rows = torch.cat([prefix[i], fresh[sl]])
+            out[sl] = rt.backend.index_prefill_topk(idx_q[sl], idx_w[sl], rows, fb.positions[sl], self.indexer.scale,
+                                                    pool.index_fmt, self.cfg.index_topk)
         return out

@@ -158,3 +158,31 @@ def test_compact_owned_kernel_matches_torch(page: int, dcp: int, interleave: int
         assert rows.dtype == torch.int32 and counts.dtype == torch.int32
         assert counts.cpu().tolist() == want_counts.tolist()
         assert torch.equal(rows.cpu().long(), want_rows)  # the reference zero-fills behind the count too
+
+
+@pytest.mark.parametrize("cache_kind", ["fp8", "bf16", "fp32"])
+@pytest.mark.parametrize("k", [24, 200])  # fewer than the context, and more (then -1 padded)
+def test_prefill_topk_matches_torch_backend(cache_kind: str, k: int) -> None:
+    """Prefill selection through the scoring kernel (TritonBackend.index_prefill_topk: one query per kernel
+    "sequence" over a flat context, causal through the lengths) equals the torch path's fp32 scores + ordered
+    top-k, positions and their order both, for an extend chunk (queries at positions 97..146 of a 147-token
+    context; not a multiple of the 64-key tile)."""
+    from dcpserve.attention.backend import TorchBackend
+    from dcpserve.attention.triton_backend import TritonBackend
+
+    gen = torch.Generator().manual_seed(7)
+    m, n, hi, di = 147, 50, 16, 64
+    # fp8 rows decode to fp32 here: the torch path rounds dequantized keys to the model dtype (bf16 in
+    # serving, as its decode path does), the kernel multiplies the e4m3 values by the row scale after the dot.
+    fmt = IndexKeyFormat(di, cache_kind == "fp8", torch.bfloat16 if cache_kind == "bf16" else torch.float32)
+    rows = fmt.encode(torch.randn(m, di, generator=gen) * (1 + 3 * torch.rand(m, 1, generator=gen))).to(DEV)
+    q = torch.randn(n, hi, di, generator=gen).to(DEV)
+    w = (torch.randn(n, hi, generator=gen) * hi ** -0.5).to(DEV)
+    q_pos = torch.arange(m - n, m, device=DEV)
+    want = TorchBackend().index_prefill_topk(q, w, rows, q_pos, di ** -0.5, fmt, k)
+    got = TritonBackend().index_prefill_topk(q, w, rows, q_pos, di ** -0.5, fmt, k)
+    assert got.dtype == torch.int32 and got.shape == (n, k)
+    assert torch.equal(got, want)
+    for t in range(n):  # the causal count, then padding
+        real = min(k, int(q_pos[t]) + 1)
+        assert (got[t, :real] >= 0).all() and (got[t, :real] <= q_pos[t]).all() and (got[t, real:] == -1).all()
