@@ -32,8 +32,8 @@ the same 64 x BLOCK_N scores: 1.53x the useful MMA work, with small n32 wgmma in
 of softmax with the MMAs (no warp specialization; 255 registers/thread leave room for one CTA per SM).
 Tile tuning does not fix that (BLOCK_N 32/64/128 and 2-3 stages were tried, 64 x 2 stages is best), so
 on Hopper with a bf16 cache `mla_decode` runs `mla_decode_sm90` instead, a Gluon kernel that
-places the layouts by hand (54-56% of copy bandwidth); this kernel serves everything else (fp8 caches, fewer
-heads, other GPUs, the CPU interpreter).
+places the layouts by hand (54-56% of copy bandwidth at 128 heads); this kernel serves everything else (fp8
+caches, other GPUs, the CPU interpreter).
 """
 from __future__ import annotations
 

@@ -72,13 +72,8 @@ class KVPool:
             [self.index_fmt.empty(self.index_rows + 1, device) for _ in range(num_layers)] if self.index_fmt else []
         )
 
-    def read_index(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        return self.index_fmt.decode(self.index_keys[layer][rows])
-
     def roundtrip_latent(self, kv: torch.Tensor) -> torch.Tensor:
         """What a row reads back as after a write: attention over fresh tokens sees exactly what a later
         step (or a prefix-cache hit) will read from the cache."""
         return self.latent_fmt.decode(self.latent_fmt.encode(kv))
 
-    def roundtrip_index(self, k: torch.Tensor) -> torch.Tensor:
-        return self.index_fmt.decode(self.index_fmt.encode(k))
