@@ -245,6 +245,16 @@ class EngineArgs:
     api_key: str | None = field(default=None, metadata={"help": "require this bearer token"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name in the API"})
 
+    def check_devices(self) -> None:
+        """Before starting ranks (not part of `validate`: planning commands such as `capacity` may ask about
+        more GPUs than this machine has)."""
+        if resolve_device(self.device) == "cuda":
+            import torch
+
+            if self.tp > (n := torch.cuda.device_count()):
+                raise ConfigError(f"--tp {self.tp} runs one rank per GPU, but {n} CUDA GPU(s) are visible: "
+                                  f"use --tp {n} or less (or check CUDA_VISIBLE_DEVICES)")
+
     def validate(self, cfg: ModelConfig | None = None) -> None:
         """Fail fast, with a message that says what to change."""
         if self.tp < 1 or self.dcp < 1:
@@ -258,13 +268,7 @@ class EngineArgs:
         for name, choices in (("dcp_comm", DCP_COMMS), ("dcp_indexer", DCP_INDEXERS), ("kv_cache_dtype", KV_CACHE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
-        if resolve_device(self.device) == "cuda":
-            import torch
-
-            if self.tp > (n := torch.cuda.device_count()):
-                raise ConfigError(f"--tp {self.tp} runs one rank per GPU, but {n} CUDA GPU(s) are visible: "
-                                  f"use --tp {n} or less (or check CUDA_VISIBLE_DEVICES)")
-        elif self.dcp_comm == "p2p" and self.dcp > 1:
+        if self.dcp_comm == "p2p" and self.dcp > 1 and resolve_device(self.device) != "cuda":
             raise ConfigError("--dcp-comm p2p needs CUDA GPUs: use --dcp-comm a2a (or auto) on CPU")
         if self.max_running_requests < 1 or self.chunked_prefill_size < 1:
             raise ConfigError("--max-running-requests and --chunked-prefill-size must be >= 1")

@@ -21,3 +21,12 @@ def hf_refs(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("hf"))
     return {k: make_reference(k, root) for k in ("v32", "v3", "v32-fp8")}
+
+
+@pytest.fixture(autouse=True)
+def _enough_gpus(request):
+    """On a GPU machine, a test parametrized with more ranks (`tp`) than visible GPUs skips: the engine
+    runs one rank per GPU. (CPU runs any number of ranks.)"""
+    tp = getattr(getattr(request.node, "callspec", None), "params", {}).get("tp")
+    if isinstance(tp, int) and torch.cuda.is_available() and torch.cuda.device_count() < tp:
+        pytest.skip(f"tp={tp} needs {tp} GPUs (one rank per GPU)")

@@ -108,17 +108,18 @@ def test_bad_input_fails_fast_with_one_line(hf_refs, tmp_path, case):
     assert processes_with_tag(tag) == []
 
 
-def test_more_ranks_than_gpus_fails_at_validate(monkeypatch):
+def test_more_ranks_than_gpus_fails_before_starting_ranks(monkeypatch):
     """--tp above the visible GPU count: one clear start-up error (a rank used to die on 'invalid device
-    ordinal' after the others had started)."""
+    ordinal' after the others had started). Planning (`validate`, as `capacity` uses it) still accepts it."""
     import torch
 
     from dcpserve.config import ConfigError, EngineArgs
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    EngineArgs(tp=2, dcp=2, device="cuda").validate()
+    EngineArgs(tp=2, dcp=2, device="cuda").check_devices()
+    EngineArgs(tp=8, dcp=2, device="cuda").validate()
     with pytest.raises(ConfigError, match="--tp 4 runs one rank per GPU, but 2 CUDA GPU"):
-        EngineArgs(tp=4, dcp=2, device="cuda").validate()
+        EngineArgs(tp=4, dcp=2, device="cuda").check_devices()
 
 
 def test_attention_backend_auto_picks_triton_on_cuda_only():

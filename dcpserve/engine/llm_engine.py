@@ -58,6 +58,7 @@ class LLMEngine:
         self.args = args
         self.cfg = load_model_config(args)
         args.validate(self.cfg)
+        args.check_devices()
         self.record_logits = record_logits
         self.ranks = RankGroup(args, self.cfg)
         info = self.ranks.info
