@@ -110,32 +110,31 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
     owned = layout.owner(slots) == dcp_rank
     write_rows = torch.where(owned, layout.local_row(slots), torch.full_like(slots, dummy_row))
     index_rows = slots if indexer_replicated else torch.where(owned, write_rows, torch.full_like(slots, index_dummy_row))
-    own_rows: list[torch.Tensor] = []
-    prefix_dest: list[torch.Tensor] = []
+    i32 = torch.int32  # what the kernels take for tables and lengths
+    # Prefill only: varlen offsets and, per sequence, the prefix rows this rank owns and (DCP) where the
+    # gathered rows go. They ride in the step's one copy: a separate .to(device) each would wait for the
+    # previous step's kernels to finish before this step could be queued.
+    cu_ctx: list[int] = []
+    extra: list[torch.Tensor] = []
     if plan.is_decode:  # decode reads through the block table; only the count is needed here
         local_lens = [layout.local_count(s.ctx_len, dcp_rank) for s in plan.seqs]
     else:  # prefill gathers the cached prefix's rows from the group
-        local_lens = []
-        for i, s in enumerate(plan.seqs):
-            opos = layout.local_positions(s.start, dcp_rank)
-            own_rows.append(layout.local_rows_of_positions(table[i, : len(s.block_table)], opos))
-            local_lens.append(len(opos))
-            if layout.dcp > 1:
-                prefix_dest.append(layout.gather_order(s.start))
-    cu_ctx = [0]
-    for s in plan.seqs:
-        cu_ctx.append(cu_ctx[-1] + s.ctx_len)
-    i32 = torch.int32  # what the kernels take for tables and lengths
+        cu_ctx = [0]
+        for s in plan.seqs:
+            cu_ctx.append(cu_ctx[-1] + s.ctx_len)
+        opos = [layout.local_positions(s.start, dcp_rank) for s in plan.seqs]
+        local_lens = [len(p) for p in opos]
+        extra = [torch.tensor(cu, dtype=i32), torch.tensor(cu_ctx, dtype=i32)]
+        extra += [layout.local_rows_of_positions(table[i, : len(s.block_table)], opos[i]) for i, s in enumerate(plan.seqs)]
+        if layout.dcp > 1:
+            extra += [layout.gather_order(s.start) for s in plan.seqs]
     host = [torch.tensor(plan.input_ids if plan.prev_rows is None else plan.prev_rows, dtype=torch.long),
             positions, write_rows, index_rows, torch.tensor([c - 1 for c in cu[1:]], dtype=torch.long),
-            table.to(i32), torch.tensor([s.ctx_len for s in plan.seqs], dtype=i32), torch.tensor(local_lens, dtype=i32),
-            torch.tensor(cu, dtype=i32), torch.tensor(cu_ctx, dtype=i32)]
-    # The prefill's per-sequence index tensors ride in the same copy (a separate .to(device) each would wait
-    # for the previous step's kernels to finish before this step could be queued).
-    n_rows = len(own_rows)
-    dev = to_device(host + own_rows + prefix_dest, device)
-    ids, positions, write_rows, index_rows, last_idx, table_d, ctx_lens, local_lens_d, cu_d, cu_ctx_d = dev[:10]
-    own_rows, prefix_dest = dev[10 : 10 + n_rows], dev[10 + n_rows :]
+            table.to(i32), torch.tensor([s.ctx_len for s in plan.seqs], dtype=i32), torch.tensor(local_lens, dtype=i32)]
+    dev = to_device(host + extra, device)
+    ids, positions, write_rows, index_rows, last_idx, table_d, ctx_lens, local_lens_d = dev[:8]
+    cu_dev = (dev[8], dev[9]) if extra else None
+    own_rows, prefix_dest = dev[10 : 10 + b], dev[10 + b :]
     if plan.prev_rows is not None:
         if prev_tokens is None:
             raise RuntimeError("a step planned ahead arrived without the tokens of the step before it")
@@ -149,7 +148,7 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         index_write_rows=index_rows,
         cu_new=cu,
         cu_ctx=cu_ctx,
-        cu_dev=(cu_d, cu_ctx_d),
+        cu_dev=cu_dev,
         own_rows=own_rows,
         last_idx=last_idx,
         block_table=table_d,
