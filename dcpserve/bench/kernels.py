@@ -242,6 +242,8 @@ def main() -> None:
     ap.add_argument("--heads", type=lambda v: [int(x) for x in v.split(",")], default=[HEADS],
                     help="query heads per rank for the dense table, comma-separated: 128 is a TP4+DCP4 rank of the "
                          "benchmark model (compute-bound), 32 a plain TP4 rank (memory-bound)")
+    ap.add_argument("--cache", type=lambda v: v.split(","), default=["bf16", "fp8"],
+                    help="cache formats to time, comma-separated (bf16, fp8)")
     ap.add_argument("--dense-only", action="store_true", help="only the dense decode table (skip sparse, prefill, merge)")
     ap.add_argument("--tile", action="append", default=[],
                     help="KIND=H,N,WARPS,STAGES with KIND in dense-bf16, dense-fp8, sparse-bf16, sparse-fp8")
@@ -272,7 +274,7 @@ def main() -> None:
         save()
 
     # Largest pool once per cache format; cases index disjoint pages of it.
-    for fp8 in (False, True):
+    for fp8 in [c == "fp8" for c in args.cache]:
         tag = "fp8" if fp8 else "bf16"
         pool = make_pool(128 * 131072, fp8, seed=3)
         for heads, batch, ctx in itertools.product(args.heads, (1, 32, 128), (4096, 32768, 131072)):

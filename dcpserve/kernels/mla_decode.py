@@ -31,9 +31,9 @@ tile warpsPerCTA [8, 1] with 8 warps (its rule for a dot feeding another dot), s
 the same 64 x BLOCK_N scores: 1.53x the useful MMA work, with small n32 wgmma instructions, and no overlap
 of softmax with the MMAs (no warp specialization; 255 registers/thread leave room for one CTA per SM).
 Tile tuning does not fix that (BLOCK_N 32/64/128 and 2-3 stages were tried, 64 x 2 stages is best), so
-on Hopper with a bf16 cache `mla_decode` runs `mla_decode_sm90` instead, a Gluon kernel that
-places the layouts by hand (54-56% of copy bandwidth at 128 heads); this kernel serves everything else (fp8
-caches, other GPUs, the CPU interpreter).
+on Hopper with a bf16 or fp8 cache of the DeepSeek dims `mla_decode` runs `mla_decode_sm90` instead, a
+Gluon kernel that places the layouts by hand (54-56% of copy bandwidth at 128 heads); this kernel serves
+everything else (other GPUs, other dims, fp32 caches, the CPU interpreter).
 """
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     """Returns (out fp32 [B, Hq, kv_lora_rank], lse fp32 [B, Hq]). `max_len` is an optional host-side
     upper bound of `lens` used only to pick `num_splits` (default: block-table capacity; no device sync).
     `out`: optional contiguous (out, lse) tensors of those shapes to write into.
-    On Hopper with a bf16 cache of the DeepSeek dims this runs the Gluon kernel of `mla_decode_sm90`
-    (1.5-2.2x faster there); elsewhere, or when a `config` is given, the portable kernel."""
+    On Hopper with a bf16 or fp8 cache of the DeepSeek dims this runs the Gluon kernel of `mla_decode_sm90`
+    (1.5-2.2x faster there for bf16); elsewhere, or when a `config` is given, the portable kernel."""
     check_latent_dims(kv_lora_rank, rope_dim)
     check_cache(cache, kv_lora_rank, rope_dim, fp8)
     b, n_heads, width = q.shape

@@ -1,9 +1,10 @@
 """Dense paged MLA decode for Hopper (sm_90), written in Gluon: explicit warpgroup MMAs, no duplicated work.
 
 Same contract as `mla_decode.mla_decode` (absorbed query, paged latent pool, split-KV, natural-log LSE),
-restricted to what the tensor-core path needs: a bf16 cache, kv_lora 512 and rope 64 (the DeepSeek MLA
-dims); any head count (fewer than 64 pad the tile with zero queries). `supported()` says when it applies; `mla_decode` falls back to the portable
-Triton kernel otherwise, and `mla_decode_ref` (torch) is the reference for both.
+restricted to what the tensor-core path needs: a bf16 or fp8 ("656 B") cache, kv_lora 512 and rope 64 (the
+DeepSeek MLA dims); any head count (fewer than 64 pad the tile with zero queries). `supported()` says when it
+applies; `mla_decode` falls back to the portable Triton kernel otherwise, and `mla_decode_ref` (torch) is the
+reference for both.
 
 Why a second kernel. With 128 heads one latent row feeds 128 * 2 * 1088 FLOP, so dense decode is bound by
 the tensor cores, not by HBM (242 FLOP/B in bf16). The portable kernel lets Triton pick the MMA layouts, and
@@ -45,6 +46,16 @@ A deeper pipeline for those shapes was tried and dropped (2026-11-28, H200): 32-
 (184 / 221 KB of shared memory, no spills) reached only 54-58% at every head count, since each key then pays
 twice the per-tile barriers and softmax reductions; the 64-key, 2-stage tile is faster everywhere at batch
 >= 32.
+
+fp8 cache (FP8=True). The MMAs stay bf16, as in FlashMLA's fp8 path; only the latent bytes change route.
+Shared memory has no room for a staged fp8 copy next to the two bf16 K stages (224 KB are taken), so the
+next tile's e4m3 bytes and scales are loaded into registers (32 + 2 per thread) while this tile's scores
+and softmax run, and dequantized into the free bf16 stage while this tile's P V runs on the tensor cores.
+The rope columns (bf16 in the row) still go by cp.async. The values are rounded exactly as in the portable
+kernel (e4m3 * fp32 scale, then bf16), so both kernels compute the same sums. Measured (H200, batch >= 32,
+ctx >= 32K): 31-33% of copy bandwidth at 16-64 heads, 16-17% (291-298 TFLOP/s) at 128; 1.3-1.9x the portable
+kernel, but 1.3x the bf16 cache's time per token (the register loads cover about half a tile of latency;
+issuing them a tile earlier spills 964 bytes per thread).
 """
 from __future__ import annotations
 
@@ -69,6 +80,8 @@ KV_LORA = gl.constexpr(512)
 ROPE = gl.constexpr(64)
 BLOCK_H = gl.constexpr(64)
 BLOCK_N = gl.constexpr(64)
+QBLK = gl.constexpr(128)  # fp8 cache: values per fp32 scale (LatentFormat.block)
+NSC = gl.constexpr(4)  # fp8 cache: scales per row
 NUM_WARPS = 8
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -79,39 +92,79 @@ def _is_sm90(index: int) -> bool:  # cached: mla_decode asks on every decode ste
 
 
 def supported(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool) -> bool:
-    """True where this kernel runs: a Hopper GPU and a bf16 latent cache of the DeepSeek dims, any head count.
+    """True where this kernel runs: a Hopper GPU and a bf16 or fp8 latent cache of the DeepSeek dims, any head count.
     Below 64 heads the 64-row MMA tile carries zero query rows (wasted tensor-core work), but there the kernel
     waits on memory, not on the tensor cores: at 16 and 32 heads it reads 1.7-2.2x faster than the portable
     kernel (H200, docs/PERF.md section 2)."""
-    if fp8 or not q.is_cuda or cache.dtype != torch.bfloat16 or (kv_lora_rank, rope_dim) != (KV_LORA.value, ROPE.value):
+    want = torch.uint8 if fp8 else torch.bfloat16
+    if not q.is_cuda or cache.dtype != want or (kv_lora_rank, rope_dim) != (KV_LORA.value, ROPE.value):
         return False
     if q.shape[1] < 1 or not _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
         return False
     # cp.async moves 16-byte pieces, so rows must start 16-byte aligned; Triton proves that for the row
-    # stride only when it is a multiple of 16 elements (576 is).
+    # stride only when it is a multiple of 16 elements (576 bf16 and 656 fp8 bytes are).
     return cache.stride(0) % 16 == 0 and cache.data_ptr() % 16 == 0
 
 
 @gluon.jit
-def _gather_cols(buf, cache_ptr, bt_row, n0, end, row_stride, COL0: gl.constexpr, WIDTH: gl.constexpr,
-                 PAGE: gl.constexpr, L: gl.constexpr):
-    """cp.async columns [COL0, COL0 + WIDTH) of the pool rows holding keys [n0, n0 + BLOCK_N) into `buf`.
-    Keys at or past `end` are zero-filled, never read: a page's unused tail may hold anything."""
+def _row_ptrs(cache_ptr, bt_row, n0, end, row_stride, PAGE: gl.constexpr, L: gl.constexpr):
+    """Pointers to the pool rows holding keys [n0, n0 + BLOCK_N) (SliceLayout(1, L)) and which of them are
+    keys (< end). Rows of non-keys must never be read: a page's unused tail may hold anything."""
     offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L))
     valid = offs < end
     page = gl.load(bt_row + offs // PAGE, mask=valid, other=0)
     rows = page.to(gl.int64) * PAGE + offs % PAGE
-    cols = COL0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, L))
-    async_copy.async_copy_global_to_shared(buf, cache_ptr + rows[:, None] * row_stride + cols[None, :],
-                                           mask=valid[:, None])
+    return cache_ptr + rows * row_stride, valid
+
+
+@gluon.jit
+def _gather_cols(buf, cache_ptr, bt_row, n0, end, row_stride, COL0: gl.constexpr, WIDTH: gl.constexpr,
+                 PAGE: gl.constexpr, L: gl.constexpr, AS_BF16: gl.constexpr):
+    """cp.async columns [COL0, COL0 + WIDTH) of the pool rows holding keys [n0, n0 + BLOCK_N) into `buf`
+    (keys at or past `end` zero-filled). AS_BF16: COL0 is a byte offset into uint8 (fp8-format) rows whose
+    columns from there on are bf16."""
+    base, valid = _row_ptrs(cache_ptr, bt_row, n0, end, row_stride, PAGE, L)
+    if AS_BF16:
+        base = (base + COL0).to(gl.pointer_type(gl.bfloat16))
+        cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, L))
+    else:
+        cols = COL0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, L))
+    async_copy.async_copy_global_to_shared(buf, base[:, None] + cols[None, :], mask=valid[:, None])
 
 
 @gluon.jit
 def _issue_tile(lat_buf, pe_buf, cache_ptr, bt_row, n0, end, row_stride,
-                PAGE: gl.constexpr, LAT_L: gl.constexpr, PE_L: gl.constexpr):
-    """Start the copy of keys [n0, n0 + BLOCK_N) into one stage: latent and rope parts."""
-    _gather_cols(lat_buf, cache_ptr, bt_row, n0, end, row_stride, 0, KV_LORA, PAGE, LAT_L)
-    _gather_cols(pe_buf, cache_ptr, bt_row, n0, end, row_stride, KV_LORA, ROPE, PAGE, PE_L)
+                PAGE: gl.constexpr, LAT_L: gl.constexpr, PE_L: gl.constexpr, FP8: gl.constexpr):
+    """Start the copy of keys [n0, n0 + BLOCK_N) into one stage: latent and rope parts (bf16 cache), or only
+    the rope part (fp8 cache: its latent goes through registers, see `_load_fp8` / `_store_dequant`)."""
+    if FP8:
+        _gather_cols(pe_buf, cache_ptr, bt_row, n0, end, row_stride, KV_LORA + 4 * NSC, ROPE, PAGE, PE_L, True)
+    else:
+        _gather_cols(lat_buf, cache_ptr, bt_row, n0, end, row_stride, 0, KV_LORA, PAGE, LAT_L, False)
+        _gather_cols(pe_buf, cache_ptr, bt_row, n0, end, row_stride, KV_LORA, ROPE, PAGE, PE_L, False)
+
+
+@gluon.jit
+def _load_fp8(cache_ptr, bt_row, n0, end, row_stride, PAGE: gl.constexpr, DQ_L: gl.constexpr):
+    """Start the global loads of an fp8 tile: e4m3 latent bytes [BLOCK_N, NSC, QBLK] and their fp32 scales
+    [BLOCK_N, NSC] (layout DQ_L / its slice). They land in registers while the caller's MMAs and softmax run.
+    Non-keys read as 0."""
+    SC_L: gl.constexpr = gl.SliceLayout(2, DQ_L)
+    base, valid = _row_ptrs(cache_ptr, bt_row, n0, end, row_stride, PAGE, SC_L)
+    blk = gl.arange(0, NSC, layout=gl.SliceLayout(0, SC_L))
+    col = gl.arange(0, QBLK, layout=gl.SliceLayout(0, gl.SliceLayout(1, DQ_L)))
+    ptrs = gl.expand_dims(base[:, None] + blk[None, :] * QBLK, 2) + col[None, None, :]
+    raw = gl.load(ptrs, mask=gl.expand_dims(valid[:, None], 2), other=0)
+    sp = (base + KV_LORA).to(gl.pointer_type(gl.float32))
+    sc = gl.load(sp[:, None] + blk[None, :], mask=valid[:, None], other=0.0)
+    return raw, sc
+
+
+@gluon.jit
+def _store_dequant(buf, raw, sc):
+    """buf [BLOCK_N, KV_LORA] bf16 = e4m3(raw) * the scale of its block: the LatentFormat decode."""
+    vals = raw.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(sc, 2)
+    buf.store(gl.reshape(vals.to(gl.bfloat16), [BLOCK_N, KV_LORA]))
 
 
 @gluon.jit
@@ -130,12 +183,14 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
                             stride_qb, stride_qh, row_stride, stride_bt,
                             stride_os, stride_ob, stride_oh, stride_ls, stride_lb,
                             n_heads, num_splits, sm_scale_log2,
-                            PAGE: gl.constexpr):
+                            PAGE: gl.constexpr, FP8: gl.constexpr):
     # Layouts. S and O: wgmma accumulators, 4 warps along the 64 heads x 2 warpgroups along the columns.
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, KV_LORA // 2, 16])
     LAT_L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])  # 16-byte pieces, a warp per row
     PE_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    # fp8 tile [keys, scale blocks, values]: 16-byte loads, a warp per row.
+    DQ_L: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, NSC, 32 // NSC], [8, 1, 1], [2, 1, 0])
     lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KV_LORA], gl.bfloat16)
     pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE], gl.bfloat16)
     p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
@@ -157,8 +212,12 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
 
     bt_row = bt_ptr + pid_b * stride_bt
     if n_tiles > 0:
-        _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, start, end, row_stride, PAGE, LAT_L, PE_L)
+        _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, start, end, row_stride, PAGE, LAT_L, PE_L,
+                    FP8)
     async_copy.commit_group()
+    if FP8:
+        raw, sc = _load_fp8(cache_ptr, bt_row, start, end, row_stride, PAGE, DQ_L)
+        _store_dequant(k_lat_s.index(0), raw, sc)
 
     # Q: once per program, through registers (bf16 for the MMA).
     _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, 0, KV_LORA, LAT_L)
@@ -180,12 +239,16 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
         k_lat = k_lat_s.index(stage)
         s = warpgroup_mma(q_lat_s, k_lat.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma(q_pe_s, k_pe_s.index(stage).permute((1, 0)), s, is_async=True)
+        if FP8:
+            # The next tile's latent bytes travel to registers during this tile's MMAs and softmax (past the
+            # last tile every key is masked: no memory is read).
+            raw, sc = _load_fp8(cache_ptr, bt_row, n0 + BLOCK_N, end, row_stride, PAGE, DQ_L)
         s, acc = warpgroup_mma_wait(0, deps=(s, acc))
         # Both warpgroups are past the previous P V: its stage and the P buffer are free again.
         gl.thread_barrier()
         if t + 1 < n_tiles:
             _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, n0 + BLOCK_N,
-                        end, row_stride, PAGE, LAT_L, PE_L)
+                        end, row_stride, PAGE, LAT_L, PE_L, FP8)
         async_copy.commit_group()
 
         s = gl.where((n0 + keys < end)[None, :], s * sm_scale_log2, float("-inf"))
@@ -199,6 +262,10 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
         fence_async_shared()
         gl.thread_barrier()
         acc = warpgroup_mma(p_s, k_lat, acc, is_async=True)
+        if FP8:
+            # Dequantize the next tile into the other stage while the tensor cores run this P V (that
+            # stage's last reader, the previous P V, is done).
+            _store_dequant(k_lat_s.index(1 - stage), raw, sc)
 
     acc = warpgroup_mma_wait(0, deps=(acc,))
     has = l_i > 0.0
@@ -226,19 +293,19 @@ def launch(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens
         q.stride(0), q.stride(1), cache.stride(0), block_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
         n_heads, num_splits, scale * LOG2E,
-        PAGE=page_size, num_warps=NUM_WARPS)
+        PAGE=page_size, FP8=cache.dtype == torch.uint8, num_warps=NUM_WARPS)
 
 
 # What the launcher's JIT specialization proves at real shapes (pointers and these strides divisible by 16).
 _AOT_SIGNATURE = dict(q_ptr="*bf16", cache_ptr="*bf16", bt_ptr="*i32", lens_ptr="*i32", out_ptr="*fp32",
                       lse_ptr="*fp32", stride_qb="i32", stride_qh="i32", row_stride="i32", stride_bt="i32",
                       stride_os="i32", stride_ob="i32", stride_oh="i32", stride_ls="i32", stride_lb="i32",
-                      n_heads="i32", num_splits="i32", sm_scale_log2="fp32", PAGE="constexpr")
+                      n_heads="i32", num_splits="i32", sm_scale_log2="fp32", PAGE="constexpr", FP8="constexpr")
 _AOT_DIV16 = ("q_ptr", "cache_ptr", "bt_ptr", "lens_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qh",
               "row_stride", "stride_os", "stride_ob", "stride_oh")
 
 
-def compile_sm90a(page: int = 64) -> dict:
+def compile_sm90a(page: int = 64, fp8: bool = False) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton ships ptxas and cuobjdump): shared memory bytes,
     ptxas' resource report and the SASS. Lets CI and a GPU-less machine check what the GPU will run.
     Must run without TRITON_INTERPRET (the interpreter replaces the language functions)."""
@@ -247,7 +314,8 @@ def compile_sm90a(page: int = 64) -> dict:
 
     fn = _mla_decode_sm90_kernel
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _AOT_DIV16}
-    k = triton.compile(GluonASTSource(fn, _AOT_SIGNATURE, {"PAGE": page}, attrs),
+    sig = {**_AOT_SIGNATURE, "cache_ptr": "*u8" if fp8 else "*bf16"}
+    k = triton.compile(GluonASTSource(fn, sig, {"PAGE": page, "FP8": fp8}, attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
@@ -260,7 +328,9 @@ def compile_sm90a(page: int = 64) -> dict:
     return {"shared": k.metadata.shared, "ptxas": ptxas, "sass": sass}
 
 
-if __name__ == "__main__":  # python -m dcpserve.kernels.mla_decode_sm90: the resource report as JSON
-    r = compile_sm90a()
+if __name__ == "__main__":  # python -m dcpserve.kernels.mla_decode_sm90 [fp8]: the resource report as JSON
+    import sys
+
+    r = compile_sm90a(fp8="fp8" in sys.argv[1:])
     print(json.dumps({"shared": r["shared"], "ptxas": r["ptxas"].strip().splitlines(),
                       "hgmma": sorted({w for w in r["sass"].split() if w.startswith("HGMMA")})}, indent=1))
