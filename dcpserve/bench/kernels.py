@@ -233,6 +233,7 @@ def parse_tile(spec: str):
 
 
 def main() -> None:
+    global PAGE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this long")
@@ -242,18 +243,20 @@ def main() -> None:
     ap.add_argument("--heads", type=lambda v: [int(x) for x in v.split(",")], default=[HEADS],
                     help="query heads per rank for the dense table, comma-separated: 128 is a TP4+DCP4 rank of the "
                          "benchmark model (compute-bound), 32 a plain TP4 rank (memory-bound)")
+    ap.add_argument("--page-size", type=int, default=PAGE, help="KV rows per page of the decode pools")
     ap.add_argument("--cache", type=lambda v: v.split(","), default=["bf16", "fp8"],
                     help="cache formats to time, comma-separated (bf16, fp8)")
     ap.add_argument("--dense-only", action="store_true", help="only the dense decode table (skip sparse, prefill, merge)")
     ap.add_argument("--tile", action="append", default=[],
                     help="KIND=H,N,WARPS,STAGES with KIND in dense-bf16, dense-fp8, sparse-bf16, sparse-fp8")
     args = ap.parse_args()
+    PAGE = args.page_size
     if not torch.cuda.is_available():
         raise SystemExit("CUDA is required")
     budget = Budget(args.budget_s)
     tiles = {kv.split("=")[0]: parse_tile(kv.split("=")[1]) for kv in args.tile}
     props = torch.cuda.get_device_properties(0)
-    res: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+    res: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "page_size": PAGE,
                            "checks": [], "sweep": [], "dense": [], "sparse": [], "merge": [], "prefill": []}
     import triton
 

@@ -56,8 +56,8 @@ kernel (e4m3 * fp32 scale, then bf16), so both kernels compute the same sums. Me
 ctx >= 32K): 31-33% of copy bandwidth at 16-64 heads, 16-17% (291-298 TFLOP/s) at 128; 1.3-1.9x the portable
 kernel, but 1.3x the bf16 cache's time per token (the register loads cover about half a tile of latency;
 issuing them a tile earlier spills 964 bytes per thread). Loading each tile's page id a tile ahead
-(`_tile_page`, pages of a multiple of 64 keys) took fp8 to 35.5-36.1% / 18.1-18.3% (+10%), bf16 unchanged
-within noise.
+(`_tile_page`) took fp8 at page 64 to 35.5-36.1% / 18.1-18.3% (+10%) and at page 16 from 30-32% to 32-34%;
+bf16 unchanged within noise.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ BLOCK_H = gl.constexpr(64)
 BLOCK_N = gl.constexpr(64)
 QBLK = gl.constexpr(128)  # fp8 cache: values per fp32 scale (LatentFormat.block)
 NSC = gl.constexpr(4)  # fp8 cache: scales per row
-NUM_WARPS = 8
+NUM_WARPS = gl.constexpr(8)
 LN2 = gl.constexpr(0.6931471805599453)
 
 
@@ -110,26 +110,28 @@ def supported(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim:
 
 @gluon.jit
 def _tile_page(bt_row, n0, end, PAGE: gl.constexpr):
-    """Where every tile lies inside one page (PAGE a multiple of BLOCK_N; tiles start at multiples of BLOCK_N):
-    the page holding keys [n0, n0 + BLOCK_N), 0 past the end. The kernel loads it a tile before the tile's
-    gather needs it, so the gather's addresses wait on no block-table load. Other page sizes: unused (0)."""
+    """The block-table entries of keys [n0, n0 + BLOCK_N), 0 past the end. The kernel loads them a tile before
+    the tile's gather needs them, so the gather's addresses wait on no block-table load. Where every tile lies
+    inside one page (PAGE a multiple of BLOCK_N; tiles start at multiples of BLOCK_N) that is one scalar;
+    else one page per key, [BLOCK_N] spread one per thread (the gathers convert it to their layouts)."""
     if PAGE % BLOCK_N == 0:
         return gl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
     else:
-        return n0 * 0
+        offs = n0 + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [NUM_WARPS], [0]))
+        return gl.load(bt_row + offs // PAGE, mask=offs < end, other=0)
 
 
 @gluon.jit
 def _row_ptrs(cache_ptr, bt_row, page, n0, end, row_stride, PAGE: gl.constexpr, L: gl.constexpr):
     """Pointers to the pool rows holding keys [n0, n0 + BLOCK_N) (SliceLayout(1, L)) and which of them are
     keys (< end). Rows of non-keys must never be read: a page's unused tail may hold anything.
-    `page`: the tile's page from `_tile_page` where tiles lie inside one page; else each row's page is looked up."""
+    `page`: the tile's block-table entries from `_tile_page`."""
     offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L))
     valid = offs < end
     if PAGE % BLOCK_N == 0:
         rows = page.to(gl.int64) * PAGE + offs % PAGE
     else:
-        rows = gl.load(bt_row + offs // PAGE, mask=valid, other=0).to(gl.int64) * PAGE + offs % PAGE
+        rows = gl.convert_layout(page, gl.SliceLayout(1, L)).to(gl.int64) * PAGE + offs % PAGE
     return cache_ptr + rows * row_stride, valid
 
 
@@ -313,7 +315,7 @@ def launch(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens
         q.stride(0), q.stride(1), cache.stride(0), block_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
         n_heads, num_splits, scale * LOG2E,
-        PAGE=page_size, FP8=cache.dtype == torch.uint8, num_warps=NUM_WARPS)
+        PAGE=page_size, FP8=cache.dtype == torch.uint8, num_warps=NUM_WARPS.value)
 
 
 # What the launcher's JIT specialization proves at real shapes (pointers and these strides divisible by 16).
@@ -336,7 +338,7 @@ def compile_sm90a(page: int = 64, fp8: bool = False) -> dict:
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _AOT_DIV16}
     sig = {**_AOT_SIGNATURE, "cache_ptr": "*u8" if fp8 else "*bf16"}
     k = triton.compile(GluonASTSource(fn, sig, {"PAGE": page, "FP8": fp8}, attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS.value})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         with open(f"{d}/k.ptx", "w") as f:
