@@ -24,11 +24,12 @@ SMEM_LIMIT = 232448  # bytes a block may use on H100/H200
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                                     "ptxas")), reason="this Triton ships no ptxas")
 @pytest.mark.parametrize("fp8", [False, True])
-def test_compiles_for_sm90a(fp8):
+@pytest.mark.parametrize("page", [64, 16])  # a tile inside one page / a tile over 4 pages
+def test_compiles_for_sm90a(fp8, page):
     # A fresh interpreter without TRITON_INTERPRET (conftest sets it for the CPU session).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from dcpserve.kernels.mla_decode_sm90 import compile_sm90a; "
-            f"print(json.dumps(compile_sm90a(fp8={fp8})))")
+            f"print(json.dumps(compile_sm90a(page={page}, fp8={fp8})))")
     r = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                   check=True, timeout=300).stdout)
     assert r["shared"] <= SMEM_LIMIT
