@@ -23,11 +23,12 @@ compact_owned(keys, block_table, I, d, rank, page_size) -> (rows int32 [B, K], c
 `indexer_scores_ref` / `indexer_keys_ref` are the plain torch references;
 `compact_owned`'s is `dcpserve.attention.indexer.compact_owned`.
 
-Measured (H200, bf16 q, fp8 cache, bench/kernels_misc.py): correct to ~5e-7 relative, but only ~250 GB/s at
-batch 128 x 128K (about 5% of HBM bandwidth); batch 1 x 128K 169 us in a CUDA graph. The default
-(swap_ab=False) writes the converted bf16 keys back to shared memory with 2-byte stores before every MMA;
-swap_ab=True feeds them to the MMA from registers instead (no round trip, per the compiled TTGIR) but has
-not been timed on a GPU yet: the benchmark's sweep compares the two.
+Measured (H200, bf16 q, fp8 cache, `python -m dcpserve.bench.kernels_misc --section indexer`, 2026-11-28):
+swap_ab=False writes the converted bf16 keys back to shared memory with 2-byte stores before every MMA and
+reached only ~250 GB/s at batch 128 x 128K (about 5% of HBM bandwidth). swap_ab=True (the default now) puts
+the keys in the MMA's register operand instead (s = k @ q^T): with 128-key tiles and 4 warps, batch 32 x 32K
+took 153 us against 652 (4.3x) and batch 1 x 128K 28.9 us against 173 (6x); results equal to ~2e-7
+relative (summation order).
 """
 from __future__ import annotations
 
@@ -193,9 +194,9 @@ def _tiles_per_prog(batch: int, n_tiles: int, device: torch.device) -> int:
 
 def indexer_scores(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                    lens: torch.Tensor, page_size: int, scale: float, fp8: bool,
-                   max_len: int | None = None, block_n: int = 64, num_warps: int = 4,
+                   max_len: int | None = None, block_n: int = 128, num_warps: int = 4,
                    num_stages: int = 3, tiles_per_prog: int | None = None,
-                   swap_ab: bool = False, keys: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   swap_ab: bool = True, keys: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Indexer scores fp32 [B, max_len] (see module docstring). block_n / num_warps / num_stages /
     tiles_per_prog / swap_ab are tuning knobs (swap_ab: keys as the MMA's register operand, see _score_tile).
 

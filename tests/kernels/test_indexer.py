@@ -166,7 +166,8 @@ def test_prefill_topk_matches_torch_backend(cache_kind: str, k: int) -> None:
     """Prefill selection through the scoring kernel (TritonBackend.index_prefill_topk: one query per kernel
     "sequence" over a flat context, causal through the lengths) equals the torch path's fp32 scores + ordered
     top-k, positions and their order both, for an extend chunk (queries at positions 97..146 of a 147-token
-    context; not a multiple of the 64-key tile)."""
+    context; not a multiple of the key tile). Where two scores differ by rounding only (the kernel sums in
+    another order), either order is right: such positions are compared by score, not by index."""
     from dcpserve.attention.backend import TorchBackend
     from dcpserve.attention.triton_backend import TritonBackend
 
@@ -182,7 +183,16 @@ def test_prefill_topk_matches_torch_backend(cache_kind: str, k: int) -> None:
     want = TorchBackend().index_prefill_topk(q, w, rows, q_pos, di ** -0.5, fmt, k)
     got = TritonBackend().index_prefill_topk(q, w, rows, q_pos, di ** -0.5, fmt, k)
     assert got.dtype == torch.int32 and got.shape == (n, k)
-    assert torch.equal(got, want)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=DEV).expand(n, 1)
+    ref = indexer_scores_ref(q, w, rows, table, (q_pos + 1).int(), m, di ** -0.5, fmt.fp8, max_len=m)  # fp32
+    near = 1e-6 * ref[torch.isfinite(ref)].abs().max()  # rounding, not ranking
     for t in range(n):  # the causal count, then padding
         real = min(k, int(q_pos[t]) + 1)
         assert (got[t, :real] >= 0).all() and (got[t, :real] <= q_pos[t]).all() and (got[t, real:] == -1).all()
+        assert (want[t, real:] == -1).all()
+        differ = got[t, :real] != want[t, :real]
+        # Each rank holds a position of the same score (to rounding) in both lists.
+        gap = ref[t, got[t, :real][differ].long()] - ref[t, want[t, :real][differ].long()]
+        assert bool((gap.abs() <= near).all())
+        assert len(set(got[t, :real].tolist())) == real
+    assert (got != want).float().mean() < 0.01  # rounding ties stay rare
