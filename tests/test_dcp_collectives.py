@@ -6,6 +6,7 @@ process group per d serves all checks. A hung collective fails by timeout instea
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import time
@@ -176,8 +177,9 @@ def _check_gather_prefix(ps, g) -> str | None:
     lay = SlotLayout(4, d, inter)
     b = int(torch.randint(1, 5, (1,), generator=g))
     choices = [0, 1, max(d - 1, 0), d, d + 1, int(torch.randint(0, 50, (1,), generator=g))]
-    starts = [choices[int(torch.randint(0, len(choices), (1,), generator=g))] for _ in range(b)]
-    for dtype in (torch.float32, torch.uint8):  # rows may be raw storage bytes (fp8 cache formats)
+    drawn = [choices[int(torch.randint(0, len(choices), (1,), generator=g))] for _ in range(b)]
+    # and a batch with no prefix at all (first chunks: the collective is skipped on every rank)
+    for starts, dtype in itertools.product((drawn, [0] * b), (torch.float32, torch.uint8)):  # raw bytes too
         width = 3
         fulls = [(torch.arange(s * width).view(s, width) * 7 + i) for i, s in enumerate(starts)]
         fulls = [f.to(dtype) if dtype != torch.uint8 else (f % 251).to(dtype) for f in fulls]

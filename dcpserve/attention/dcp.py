@@ -76,14 +76,17 @@ def gather_prefix_rows(ps: ParallelState, layout: SlotLayout, starts: list[int],
     """Each rank holds, per sequence i, the rows of its owned positions < starts[i] (ascending). Returns,
     per sequence, all `starts[i]` rows in global position order. Rows may be raw storage bytes.
     dest[i] = layout.gather_order(starts[i]) on the rows' device (ForwardBatch.prefix_dest)."""
-    if ps.dcp_size == 1:
+    if ps.dcp_size == 1 or not any(starts):
+        # No cached prefix anywhere in the batch (a first chunk): every rank sees the same plan, so all skip
+        # the collective together. This is most prefill steps; the gather's host work is not free.
         return local
     d = ps.dcp_size
     counts = [[layout.local_count(s, o) for s in starts] for o in range(d)]
     totals = [sum(c) for c in counts]
     width = local[0].shape[1:] if local else ()
     ref = local[0]
-    buf = torch.zeros((max(max(totals), 1),) + tuple(width), dtype=ref.dtype, device=ref.device)
+    # Rows past a rank's total are padding: sent, never read.
+    buf = torch.empty((max(max(totals), 1),) + tuple(width), dtype=ref.dtype, device=ref.device)
     mine = torch.cat(local) if local else buf[:0]
     buf[: mine.shape[0]] = mine
     allbuf = dcp_all_gather(ps, buf)  # [d, maxT, ...]
