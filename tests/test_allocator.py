@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from dcpserve.engine.forward_batch import BlockTables
 from dcpserve.engine.sampler import SamplingParams
 from dcpserve.engine.scheduler import Scheduler, Sequence, Status
 from dcpserve.kv.allocator import PageAllocator
@@ -208,6 +209,7 @@ def run_scheduler(num_pages, page_tokens, max_running, chunk, reqs, seed, prefix
     arrivals = arrivals or [0] * len(seqs)
     pending = sorted(range(len(seqs)), key=lambda i: arrivals[i])
     steps = preempt_seen = 0
+    tables = BlockTables()  # a rank's copy, fed only the plans' deltas
     while pending or s.has_work():
         while pending and arrivals[pending[0]] <= steps:
             s.add(seqs[pending.pop(0)])
@@ -235,9 +237,13 @@ def run_scheduler(num_pages, page_tokens, max_running, chunk, reqs, seed, prefix
             assert all(p.num_new >= 1 for p in plan.seqs)
         assert len(s.running) <= max_running
         assert len({id(q) for q in step.seqs}) == len(step.seqs), "a sequence twice in one step"
-        for q, p in zip(step.seqs, plan.seqs):
-            assert p.block_table == q.block_table
-            assert p.ctx_len <= len(p.block_table) * page_tokens, "step writes past the sequence's pages"
+        # What the ranks hold after this plan's deltas is each sequence's whole table.
+        tables.apply(plan.seqs)
+        held = tables.rows(plan.seqs, max(p.num_pages for p in plan.seqs)).tolist()
+        assert len({p.slot for p in plan.seqs}) == len(plan.seqs), "two sequences of a step share a slot"
+        for q, p, row in zip(step.seqs, plan.seqs, held):
+            assert p.num_pages == len(q.block_table) and row[: p.num_pages] == q.block_table
+            assert p.ctx_len <= p.num_pages * page_tokens, "step writes past the sequence's pages"
             assert p.start == q.num_computed
             assert plan.input_ids is not None
         # Input tokens are the sequence's own tokens at those positions.

@@ -11,13 +11,55 @@ from dcpserve.kv.layout import SlotLayout
 
 @dataclass
 class SeqPlan:
-    block_table: list[int]  # global page ids
+    # Global page ids: the whole block table, or (slot >= 0) only its entries from `table_from` on, the ones
+    # the ranks' `BlockTables` row `slot` does not hold yet (a decode step usually sends none).
+    block_table: list[int]
     start: int  # tokens already in the cache (cached prefix) before this step
     num_new: int  # tokens computed this step
+    slot: int = -1
+    table_from: int = 0
 
     @property
     def ctx_len(self) -> int:
         return self.start + self.num_new
+
+    @property
+    def num_pages(self) -> int:
+        return self.table_from + len(self.block_table)
+
+
+class BlockTables:
+    """A rank's copy of the block tables of the sequences in flight, one row per scheduler slot, kept current
+    by the plans' deltas (`SeqPlan.block_table` from `table_from`, applied in plan order). Steps then carry
+    only new pages instead of whole tables: at 32 sequences x 32K tokens, sending, unpickling and rebuilding
+    2K-entry lists per sequence took ~6 ms of host time per step (CPU measurement, docs/PERF.md section 4).
+    Entries past a row's `num_pages` may be stale (a reused slot); `rows` zeroes them."""
+
+    def __init__(self) -> None:
+        self.table = torch.zeros(0, 0, dtype=torch.long)
+
+    def _fit(self, rows: int, cols: int) -> None:
+        r, c = self.table.shape
+        if rows <= r and cols <= c:
+            return
+        grown = torch.zeros(max(rows, 2 * r, 8), max(cols, 2 * c, 64), dtype=torch.long)
+        grown[:r, :c] = self.table
+        self.table = grown
+
+    def apply(self, seqs: list[SeqPlan]) -> None:
+        for s in seqs:
+            if s.slot < 0:
+                raise ValueError("a delta plan's sequence has no slot")
+            self._fit(s.slot + 1, s.num_pages)
+            if s.block_table:
+                self.table[s.slot, s.table_from : s.num_pages] = torch.tensor(s.block_table, dtype=torch.long)
+
+    def rows(self, seqs: list[SeqPlan], width: int) -> torch.Tensor:
+        """[len(seqs), width] block tables of these sequences, 0 past each one's pages."""
+        self._fit(1, width)
+        t = self.table[torch.tensor([s.slot for s in seqs], dtype=torch.long), :width]
+        used = torch.tensor([s.num_pages for s in seqs], dtype=torch.long)
+        return t.masked_fill(torch.arange(width)[None, :] >= used[:, None], 0)
 
 
 @dataclass
@@ -87,15 +129,22 @@ def to_device(host: list[torch.Tensor], device: torch.device) -> list[torch.Tens
 
 def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy_row: int, index_dummy_row: int,
                         indexer_replicated: bool, device: torch.device,
-                        prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
-    """`prev_tokens`: the held step's sampled tokens on the device, read when `plan.prev_rows` is set."""
+                        prev_tokens: torch.Tensor | None = None, tables: BlockTables | None = None) -> ForwardBatch:
+    """`prev_tokens`: the held step's sampled tokens on the device, read when `plan.prev_rows` is set.
+    `tables`: this rank's BlockTables, required when the plan carries deltas (slot >= 0); they are applied."""
     b = len(plan.seqs)
-    max_pages = max((len(s.block_table) for s in plan.seqs), default=0)
+    max_pages = max((s.num_pages for s in plan.seqs), default=0)
     # One host tensor per quantity for the whole batch: per-sequence tensor ops cost ~10 us each, which at
     # batch 128 made building this metadata take longer than the decode step's kernels.
     width = max(max_pages, 1)
-    table = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs],
-                         dtype=torch.long).view(b, width)  # 0-padded; never read past the lengths
+    if any(s.slot >= 0 for s in plan.seqs):
+        if tables is None:
+            raise ValueError("a plan with block-table deltas needs the rank's BlockTables")
+        tables.apply(plan.seqs)
+        table = tables.rows(plan.seqs, width)
+    else:
+        table = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs],
+                             dtype=torch.long).view(b, width)  # 0-padded; never read past the lengths
     cu = [0]
     for s in plan.seqs:
         cu.append(cu[-1] + s.num_new)
@@ -125,7 +174,7 @@ def build_forward_batch(plan: StepPlan, layout: SlotLayout, dcp_rank: int, dummy
         opos = [layout.local_positions(s.start, dcp_rank) for s in plan.seqs]
         local_lens = [len(p) for p in opos]
         extra = [torch.tensor(cu, dtype=i32), torch.tensor(cu_ctx, dtype=i32)]
-        extra += [layout.local_rows_of_positions(table[i, : len(s.block_table)], opos[i]) for i, s in enumerate(plan.seqs)]
+        extra += [layout.local_rows_of_positions(table[i, : s.num_pages], opos[i]) for i, s in enumerate(plan.seqs)]
         if layout.dcp > 1:
             extra += [layout.gather_order(s.start) for s in plan.seqs]
     host = [torch.tensor(plan.input_ids if plan.prev_rows is None else plan.prev_rows, dtype=torch.long),

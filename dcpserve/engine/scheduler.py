@@ -38,6 +38,10 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     cached_tokens: int = 0  # prefix-cache hit on first admission
+    # The ranks' BlockTables row holding this sequence's pages (None: not assigned), and how many entries of
+    # block_table the plans sent so far have put there.
+    slot: int | None = None
+    sent_pages: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -71,6 +75,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.free_slots: list[int] = []
+        self.num_slots = 0
 
     # -- admission -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -90,8 +96,8 @@ class Scheduler:
             # them. Send those back to the start so the head can proceed (they are recomputed later).
             for seq in list(self.waiting)[1:]:
                 if seq.block_table:
-                    self.alloc.release(seq.block_table)
-                    seq.block_table, seq.page_hashes, seq.num_computed = [], [], 0
+                    self._drop_pages(seq)
+                    seq.page_hashes, seq.num_computed = [], 0
             step = self._schedule_prefill()
         return step
 
@@ -118,7 +124,7 @@ class Scheduler:
             return None
         seqs, plans, ids, samples = [], [], [], []
         for seq, n in chosen:
-            plans.append(SeqPlan(list(seq.block_table), seq.num_computed, n))
+            plans.append(self._seq_plan(seq, seq.num_computed, n))
             ids += seq.tokens[seq.num_computed : seq.num_computed + n]
             done = seq.num_computed + n == seq.num_tokens
             samples.append(seq.sample_spec() if done else None)
@@ -141,7 +147,7 @@ class Scheduler:
                 seq.block_table += self.alloc.allocate(need)
         if not self.running:
             return None
-        plans = [SeqPlan(list(s.block_table), s.num_tokens - 1, 1) for s in self.running]
+        plans = [self._seq_plan(s, s.num_tokens - 1, 1) for s in self.running]
         ids = [s.last_token for s in self.running]
         return ScheduledStep(StepPlan(plans, ids, is_decode=True), list(self.running),
                              [s.sample_spec() for s in self.running])
@@ -164,11 +170,30 @@ class Scheduler:
         for s, need in zip(seqs, needs):
             if need > 0:
                 s.block_table += self.alloc.allocate(need)
-        plans = [SeqPlan(list(s.block_table), s.num_tokens, 1) for s in seqs]
+        plans = [self._seq_plan(s, s.num_tokens, 1) for s in seqs]
         samples = [replace(s.sample_spec(), step=len(s.output_ids) + 1) for s in seqs]
         return ScheduledStep(StepPlan(plans, [-1] * len(seqs), is_decode=True, prev_rows=rows), seqs, samples)
 
     # -- bookkeeping ----------------------------------------------------------------------------------
+    def _seq_plan(self, seq: Sequence, start: int, num_new: int) -> SeqPlan:
+        """The sequence's part of a step plan, with only the pages the ranks' BlockTables lack. Every plan
+        made is sent, in the order made, so what it sends counts as delivered."""
+        if seq.slot is None:
+            seq.slot = self.free_slots.pop() if self.free_slots else self.num_slots
+            self.num_slots = max(self.num_slots, seq.slot + 1)
+            seq.sent_pages = 0
+        plan = SeqPlan(seq.block_table[seq.sent_pages :], start, num_new, slot=seq.slot, table_from=seq.sent_pages)
+        seq.sent_pages = len(seq.block_table)
+        return plan
+
+    def _drop_pages(self, seq: Sequence) -> None:
+        """Release the sequence's pages and its slot (a reused slot is re-sent from entry 0)."""
+        self.alloc.release(seq.block_table)
+        seq.block_table = []
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot, seq.sent_pages = None, 0
+
     def _match_prefix(self, seq: Sequence) -> None:
         # Never reuse the page holding the last token: it must be computed to produce logits, and writing
         # into a shared page would change another sequence's cache.
@@ -212,13 +237,12 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self.alloc.release(seq.block_table)
-        seq.block_table = []
+        self._drop_pages(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.alloc.release(seq.block_table)
-        seq.block_table, seq.page_hashes = [], []
+        self._drop_pages(seq)
+        seq.page_hashes = []
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1

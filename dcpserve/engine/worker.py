@@ -21,7 +21,7 @@ from dcpserve.attention.backend import get_backend
 from dcpserve.config import ConfigError, EngineArgs, ModelConfig, resolve_device, triton_fits
 from dcpserve.distributed.p2p import P2P_MAX_BATCH, PeerComm, p2p_available, plan_regions
 from dcpserve.distributed.parallel import ParallelState, destroy_parallel, init_parallel
-from dcpserve.engine.forward_batch import StepPlan, build_forward_batch
+from dcpserve.engine.forward_batch import BlockTables, StepPlan, build_forward_batch
 from dcpserve.engine.sampler import SampleSpec, Sampler
 from dcpserve.kv.layout import SlotLayout
 from dcpserve.kv.pool import KVPool, plan_kv
@@ -126,6 +126,7 @@ class ModelRunner:
         self.profiler = StepProfiler.from_env(ps.rank)
         self.graphs = None
         self.prev_tokens: torch.Tensor | None = None  # the held step's sampled tokens (every rank)
+        self.tables = BlockTables()  # the scheduler's block tables, kept current by each plan's deltas
         if dev.type == "cuda" and self.backend == "triton" and not args.disable_cuda_graph:
             from dcpserve.engine.cuda_graph import DecodeGraphs
 
@@ -180,7 +181,7 @@ class ModelRunner:
             self.sampler.forget(rid)
         fb = build_forward_batch(plan, self.layout, self.ps.dcp_rank, self.pool.dummy_row,
                                  self.pool.index_dummy_row, self.pool.indexer_replicated, self.ps.device,
-                                 self.prev_tokens)
+                                 self.prev_tokens, self.tables)
         if self.graphs is not None and self.graphs.can_run(fb):
             logits = self.graphs.run(fb)
         else:
