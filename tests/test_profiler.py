@@ -31,3 +31,13 @@ def test_profiles_the_chosen_phase(hf_refs, tmp_path, monkeypatch, phase):
 def test_unknown_phase_is_refused():
     with pytest.raises(ValueError, match="DCPSERVE_PROFILE_PHASE"):
         StepProfiler("/tmp", "prefil")
+
+
+def test_idle_gaps_counts_time_no_kernel_runs():
+    from dcpserve.engine.worker import idle_gaps
+
+    # Two streams overlap (0-10 and 5-20), then the GPU waits 30 us, then 5 us.
+    out = idle_gaps([(5.0, 20.0, "b"), (0.0, 10.0, "a"), (50.0, 60.0, "nccl"), (65.0, 70.0, "c")])
+    first, *rest = out.splitlines()
+    assert first.startswith("GPU span 0.07 ms, idle 0.04 ms (50%)")
+    assert rest[0].split() == ["30.0", "0.05", "nccl"] and rest[1].split() == ["5.0", "0.07", "c"]

@@ -287,12 +287,34 @@ class StepProfiler:
         self.seen += 1
 
     def _summary(self) -> str:
-        """Kernels and summed kernel time per step (graph replays included: CUPTI records their kernels)."""
+        """Kernels and summed kernel time per step (graph replays included: CUPTI records their kernels), then
+        where the GPU sat idle between kernels (`idle_gaps`)."""
         steps = self.STOP - self.START
         kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.time_range.elapsed_us() for e in kernels)
-        return (f"per {self.phase} step: {len(kernels) / steps:.0f} kernels, {busy_us / steps:.0f} us of kernel time "
+        head = (f"per {self.phase} step: {len(kernels) / steps:.0f} kernels, {busy_us / steps:.0f} us of kernel time "
                 f"(averaged over {steps} steps)")
+        if not kernels:
+            return head
+        return head + "\n" + idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels])
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 8) -> str:
+    """GPU timeline of (start_us, end_us, name) kernels, any streams: the span, the time no kernel ran, and the
+    longest idle gaps with the kernel each one ends at. Idle time inside a step is where the GPU waited for
+    the host (launches, syncs, ranks meeting at a collective): the kernel table alone cannot show it."""
+    kernels = sorted(kernels)
+    end, idle, gaps = kernels[0][0], 0.0, []
+    for start, stop, name in kernels:
+        if start > end:
+            idle += start - end
+            gaps.append((start - end, start - kernels[0][0], name))
+        end = max(end, stop)
+    span = end - kernels[0][0]
+    lines = [f"GPU span {span / 1e3:.2f} ms, idle {idle / 1e3:.2f} ms ({100 * idle / max(span, 1e-9):.0f}%); "
+             f"longest gaps (us, at ms, before kernel):"]
+    lines += [f"  {g:9.1f}  {at / 1e3:8.2f}  {name[:70]}" for g, at, name in sorted(gaps, reverse=True)[:top]]
+    return "\n".join(lines)
 
 
 def _die_with_parent() -> None:
