@@ -311,8 +311,8 @@ def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 8) -> str:
             gaps.append((start - end, start - kernels[0][0], name))
         end = max(end, stop)
     span = end - kernels[0][0]
-    lines = [f"GPU span {span / 1e3:.2f} ms, idle {idle / 1e3:.2f} ms ({100 * idle / max(span, 1e-9):.0f}%); "
-             f"longest gaps (us, at ms, before kernel):"]
+    lines = [(f"GPU span {span / 1e3:.2f} ms, idle {idle / 1e3:.2f} ms ({100 * idle / max(span, 1e-9):.0f}%); "
+              "longest gaps (us, at ms, before kernel):")]
     lines += [f"  {g:9.1f}  {at / 1e3:8.2f}  {name[:70]}" for g, at, name in sorted(gaps, reverse=True)[:top]]
     return "\n".join(lines)
 
