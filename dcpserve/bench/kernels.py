@@ -256,8 +256,9 @@ def main() -> None:
     budget = Budget(args.budget_s)
     tiles = {kv.split("=")[0]: parse_tile(kv.split("=")[1]) for kv in args.tile}
     props = torch.cuda.get_device_properties(0)
-    res: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "page_size": PAGE,
-                           "checks": [], "sweep": [], "dense": [], "sparse": [], "merge": [], "prefill": []}
+    res: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+                           "page_size": PAGE, "checks": [], "sweep": [], "dense": [], "sparse": [], "merge": [],
+                           "prefill": []}
     import triton
 
     res["triton"] = triton.__version__
