@@ -390,3 +390,12 @@ def test_prefix_cache_hit_reuses_pages_with_same_tokens():
     s.complete(step, [0])
     s.finish(b, "length")
     assert alloc.num_free == alloc.num_pages
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 9), max_size=12), st.lists(st.integers(0, 9), max_size=12), st.integers(0, 30),
+       st.integers(0, 30))
+def test_token_slice_equals_slicing_the_tokens(prompt, output, a, b):
+    q = Sequence("r", prompt, SamplingParams())
+    q.output_ids = output
+    assert q.token_slice(a, b) == q.tokens[a:b]

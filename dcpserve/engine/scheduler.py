@@ -47,6 +47,12 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, a: int, b: int) -> list[int]:
+        """tokens[a:b] without building the whole list (a page's worth, at every page a long sequence fills)."""
+        p = len(self.prompt_ids)
+        head = self.prompt_ids[a:b] if a < p else []
+        return head + self.output_ids[max(a - p, 0) : max(b - p, 0)]
+
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
@@ -125,7 +131,7 @@ class Scheduler:
         seqs, plans, ids, samples = [], [], [], []
         for seq, n in chosen:
             plans.append(self._seq_plan(seq, seq.num_computed, n))
-            ids += seq.tokens[seq.num_computed : seq.num_computed + n]
+            ids += seq.token_slice(seq.num_computed, seq.num_computed + n)
             done = seq.num_computed + n == seq.num_tokens
             samples.append(seq.sample_spec() if done else None)
             seqs.append(seq)
@@ -224,11 +230,11 @@ class Scheduler:
         full = seq.num_computed // n
         if len(seq.page_hashes) >= full:
             return
-        toks = seq.tokens
         while len(seq.page_hashes) < full:
             i = len(seq.page_hashes)
             prev = seq.page_hashes[-1] if seq.page_hashes else None
-            seq.page_hashes.append(self.alloc.register(seq.block_table[i], prev, tuple(toks[i * n : (i + 1) * n])))
+            page = tuple(seq.token_slice(i * n, (i + 1) * n))
+            seq.page_hashes.append(self.alloc.register(seq.block_table[i], prev, page))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
