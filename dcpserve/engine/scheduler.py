@@ -184,10 +184,11 @@ class Scheduler:
     def _seq_plan(self, seq: Sequence, start: int, num_new: int) -> SeqPlan:
         """The sequence's part of a step plan, with only the pages the ranks' BlockTables lack. Every plan
         made is sent, in the order made, so what it sends counts as delivered."""
-        if seq.slot is None:
-            seq.slot = self.free_slots.pop() if self.free_slots else self.num_slots
-            self.num_slots = max(self.num_slots, seq.slot + 1)
-            seq.sent_pages = 0
+        if seq.slot is None:  # then sent_pages is 0 (`_drop_pages` resets both)
+            if self.free_slots:
+                seq.slot = self.free_slots.pop()
+            else:
+                seq.slot, self.num_slots = self.num_slots, self.num_slots + 1
         plan = SeqPlan(seq.block_table[seq.sent_pages :], start, num_new, slot=seq.slot, table_from=seq.sent_pages)
         seq.sent_pages = len(seq.block_table)
         return plan
