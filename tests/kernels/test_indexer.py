@@ -191,7 +191,7 @@ def test_prefill_topk_matches_torch_backend(cache_kind: str, k: int) -> None:
         assert (got[t, :real] >= 0).all() and (got[t, :real] <= q_pos[t]).all() and (got[t, real:] == -1).all()
         assert (want[t, real:] == -1).all()
         differ = got[t, :real] != want[t, :real]
-        # Each rank holds a position of the same score (to rounding) in both lists.
+        # Each place of the ordered top-k holds positions of the same score (to rounding) in both lists.
         gap = ref[t, got[t, :real][differ].long()] - ref[t, want[t, :real][differ].long()]
         assert bool((gap.abs() <= near).all())
         assert len(set(got[t, :real].tolist())) == real
