@@ -26,9 +26,10 @@ import torch.distributed as dist
 from dcpserve.distributed.parallel import ParallelState
 
 # The kernels (and Triton) are imported where used: CPU installs need neither.
-# Decode batches above this use NCCL. 4x H200, TP4 + DCP4, 4K context: p2p's step was 59 us faster at batch 8
-# and 22 us slower at batch 16 (its pulls run on at most 64 CTAs; NCCL's bandwidth catches up).
-P2P_MAX_BATCH = 8
+# Decode batches above this use NCCL. 2x H200, TP2 + DCP2, 4 layers, 4K context (docs/PERF.md section 3): p2p's
+# decode step was 130 / 138 / 18-34 us faster than NCCL's at batch 4 / 16 / 32 and 82-175 us slower at batch 64,
+# where its reads over NVLink reach only ~70 GB/s.
+P2P_MAX_BATCH = 32
 
 
 def p2p_available(ps: ParallelState) -> str | None:

@@ -35,7 +35,7 @@ import triton.language as tl
 from dcpserve.kernels._common import interpreting
 from dcpserve.kernels.merge import lse_weights, merge_lse_ref
 
-MAX_CTAS = 64  # counters per peer; every launch's grid is at most this
+MAX_CTAS = 128  # counters per peer; every launch's grid is at most this
 MAX_WORLD = 8  # the kernels index counters as cta * 8 + rank (distributed/p2p.py refuses larger groups)
 SIGNAL_WORDS = MAX_CTAS * MAX_WORLD  # int32 counters at the start of every rank's buffer
 
@@ -102,15 +102,16 @@ def _p2p_gather_kernel(x_ptr, out_ptr, bases, rank, world, region, total, row_wo
             m = offs < end
             b = offs // row_words
             dst = out_ptr + b * (world * row_words) + (offs - b * row_words)
-            for p in tl.static_range(W):  # unrolled: the peers' loads are in flight together
-                if p < world:
-                    src = tl.load(bases + p).to(tl.pointer_type(tl.int32)) + region
-                    tl.store(dst + p * row_words, tl.load(src + offs, mask=m, cache_modifier=".cg"), mask=m)
+            # Unrolled and masked, not branched: the peers' loads are in flight together.
+            for p in tl.static_range(W):
+                src = tl.load(bases + p).to(tl.pointer_type(tl.int32)) + region
+                mp = m & (p < world)
+                tl.store(dst + p * row_words, tl.load(src + offs, mask=mp, cache_modifier=".cg"), mask=mp)
 
 
 @triton.jit
-def _p2p_merge_kernel(out_ptr, lse_out_ptr, bases, rank, world, part, lses, n_rows, H, DH, V, rows_per_cta,
-                      W: tl.constexpr, BLOCK_V: tl.constexpr, PHASE: tl.constexpr):
+def _p2p_merge_kernel(out_ptr, lse_out_ptr, bases, rank, world, part, lses, n_rows, H, DH, V, n_blocks,
+                      W: tl.constexpr, R: tl.constexpr, BLOCK_V: tl.constexpr, PHASE: tl.constexpr):
     cta = tl.program_id(0)
     if PHASE % 2 == 1:  # the partials were written by the previous kernel: nothing to copy first
         _arrive(bases, rank, world, cta, W)
@@ -120,24 +121,43 @@ def _p2p_merge_kernel(out_ptr, lse_out_ptr, bases, rank, world, part, lses, n_ro
         q = tl.arange(0, W)
         fbase = tl.load(bases + q).to(tl.pointer_type(tl.float32))
         v = tl.arange(0, BLOCK_V)
-        vmask = v < V
-        for row in range(cta * rows_per_cta, tl.minimum(n_rows, (cta + 1) * rows_per_cta)):
-            b = row // H
-            g = b * DH + rank * H + (row - b * H)  # this rank's head in the group's [B, d*H] partials
-            lse = tl.load(fbase + lses + g, mask=q < world, other=float("-inf"), cache_modifier=".cg")
-            w, total = lse_weights(lse)
-            acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        r = tl.arange(0, R)
+        # R rows at a time, so that R x W partial rows are in flight per CTA: the reads cross NVLink, and
+        # one row at a time left each CTA waiting a round trip per 2 KB.
+        for blk in range(cta, n_blocks, tl.num_programs(0)):
+            rows = blk * R + r
+            rmask = rows < n_rows
+            b = rows // H
+            g = b * DH + rank * H + (rows - b * H)  # this rank's heads in the group's [B, d*H] partials
+            # Weights one row at a time through the all-to-all merge's own helper (same vector shape and warps
+            # as `merge_lse`), so both merges round identically.
+            w = tl.zeros([R, W], dtype=tl.float32)
+            total = tl.zeros([R], dtype=tl.float32)
+            for i in tl.static_range(R):
+                row = blk * R + i
+                gi = (row // H) * DH + rank * H + row % H
+                lse = tl.load(fbase + lses + gi, mask=(q < world) & (row < n_rows), other=float("-inf"),
+                              cache_modifier=".cg")
+                wi, ti = lse_weights(lse)
+                w = tl.where(r[:, None] == i, wi[None, :], w)
+                total = tl.where(r == i, ti, total)
+            acc = tl.zeros([R, BLOCK_V], dtype=tl.float32)
+            m = rmask[:, None] & (v < V)[None, :]
             for p in tl.static_range(W):
-                wp = tl.sum(tl.where(q == p, w, 0.0), 0)
-                live = vmask & (tl.full([BLOCK_V], 0.0, tl.float32) + wp > 0.0)  # empty partials are never read
-                src = tl.load(bases + p).to(tl.pointer_type(tl.float32)) + part + g * V
-                acc += wp * tl.load(src + v, mask=live, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + row * V + v, acc, mask=vmask)
-            tl.store(lse_out_ptr + row, total)
+                wp = tl.sum(tl.where(q[None, :] == p, w, 0.0), 1)[:, None]
+                src = tl.load(bases + p).to(tl.pointer_type(tl.float32)) + part + g[:, None] * V + v[None, :]
+                x = tl.load(src, mask=m & (p < world), other=0.0, cache_modifier=".cg")
+                acc += wp * tl.where(wp > 0.0, x, 0.0)  # an empty partial's garbage (even NaN) never leaks
+            tl.store(out_ptr + rows[:, None] * V + v[None, :], acc, mask=m)
+            tl.store(lse_out_ptr + rows, total, mask=rmask)
 
 
-def _block_words() -> int:
-    return 64 if interpreting() else 512
+def _block_words(total: int) -> int:
+    """Words a CTA moves per loop step: enough CTAs for small payloads (latency), big steps for large ones
+    (each step waits one NVLink round trip, so bytes in flight set the bandwidth)."""
+    if interpreting():
+        return 64
+    return min(max(triton.next_power_of_2(triton.cdiv(total, MAX_CTAS)), 512), 2048)
 
 
 def p2p_gather(x: torch.Tensor, out: torch.Tensor, table: PeerTable, region: int, phase: int = 3) -> torch.Tensor:
@@ -150,7 +170,7 @@ def p2p_gather(x: torch.Tensor, out: torch.Tensor, table: PeerTable, region: int
     total = b * m
     if total == 0:
         return out
-    block = _block_words()
+    block = _block_words(total)
     chunk = triton.cdiv(triton.cdiv(total, MAX_CTAS), block) * block
     grid = (triton.cdiv(total, chunk),)
     _p2p_gather_kernel[grid](x, out, table.bases, table.rank, table.world, region, total, m, chunk,
@@ -159,7 +179,7 @@ def p2p_gather(x: torch.Tensor, out: torch.Tensor, table: PeerTable, region: int
 
 
 def p2p_merge(out: torch.Tensor, lse_out: torch.Tensor, table: PeerTable, part: int, lses: int,
-              b: int, h: int, phase: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+              b: int, h: int, phase: int = 3, rows_per_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge this rank's H heads from every rank's partials. Every rank's buffer holds, at fp32 offsets
     `part` and `lses`, its partial out [B, d*H, V] and LSE [B, d*H]. out: [B, H, V] fp32, lse_out [B, H]."""
     v = out.shape[-1]
@@ -169,10 +189,13 @@ def p2p_merge(out: torch.Tensor, lse_out: torch.Tensor, table: PeerTable, part: 
     n_rows = b * h
     if n_rows == 0:
         return out, lse_out
-    per_cta = triton.cdiv(n_rows, MAX_CTAS)
-    grid = (triton.cdiv(n_rows, per_cta),)
+    # Rows per block: one while the grid is not full (small batches, latency-bound), up to 4 for large ones
+    # (8 rows with 8 warps, and 4096-word gather steps, were no faster on 2x H200 at batch 64).
+    rows = rows_per_block or min(4, triton.next_power_of_2(triton.cdiv(n_rows, MAX_CTAS)))
+    n_blocks = triton.cdiv(n_rows, rows)
+    grid = (min(n_blocks, MAX_CTAS),)
     _p2p_merge_kernel[grid](out, lse_out, table.bases, table.rank, table.world, part, lses, n_rows, h,
-                            table.world * h, v, per_cta, W=table.width, BLOCK_V=triton.next_power_of_2(v),
+                            table.world * h, v, n_blocks, W=table.width, R=rows, BLOCK_V=triton.next_power_of_2(v),
                             PHASE=phase, num_warps=4)
     return out, lse_out
 
