@@ -27,9 +27,9 @@ from dcpserve.distributed.parallel import ParallelState
 
 # The kernels (and Triton) are imported where used: CPU installs need neither.
 # Decode batches above this use NCCL. 2x H200, TP2 + DCP2, 4 layers, 4K context (docs/PERF.md section 3): p2p's
-# decode step was 130 / 138 / 18-34 us faster than NCCL's at batch 4 / 16 / 32 and 82-175 us slower at batch 64,
-# where its reads over NVLink reach only ~70 GB/s.
-P2P_MAX_BATCH = 32
+# decode step was 130 / 138 / 295 / 375 us faster than NCCL's at batch 4 / 16 / 32 / 64, the gap growing with
+# the batch; not measured above 64. The buffer then takes ~90 MB per rank at most (batch 256, d * H = 128).
+P2P_MAX_BATCH = 256
 
 
 def p2p_available(ps: ParallelState) -> str | None:
