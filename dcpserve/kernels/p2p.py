@@ -198,7 +198,8 @@ def p2p_merge(out: torch.Tensor, lse_out: torch.Tensor, table: PeerTable, part: 
     if n_rows == 0:
         return out, lse_out
     # Rows per block: one while the grid is not full (small batches, latency-bound), up to 4 for large ones
-    # (8 rows with 8 warps, and 4096-word gather steps, were no faster on 2x H200 at batch 64).
+    # (8 rows with 8 warps, and 4096-word gather steps, were no faster on 2x H200 at batch 64; measured while
+    # the reads were still 4-byte loads, see `_peer`).
     rows = rows_per_block or min(4, triton.next_power_of_2(triton.cdiv(n_rows, MAX_CTAS)))
     n_blocks = triton.cdiv(n_rows, rows)
     grid = (min(n_blocks, MAX_CTAS),)
