@@ -3,7 +3,7 @@
 # PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
 # device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager, PROFILE_PHASE=prefill for prefill steps), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
-# one GPU), p2p (the peer-to-peer DCP collectives' GPU tests). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
+# one GPU), p2p (the peer-to-peer DCP collectives' GPU tests), p2pbatch (p2p vs NCCL a2a decode step by batch). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
@@ -47,6 +47,12 @@ for part in "$@"; do
         --num-questions ${ACC_N:-50} --num-facts 1 --parallel 25 --disable-tqdm --log-dir /tmp/acclogs \
         --extra-server-args "--attention-backend triton" --output-file "$OUT/accuracy_gpu.json" 2>&1 | tail -40 | tee -a "$LOG"
     tail -n 5 /tmp/acclogs/*.log >> "$LOG" ;;
+  p2pbatch)  # decode step of the p2p collectives vs NCCL a2a at DCP = TP, by batch (4K in / 64 out)
+    for b in ${P2P_BATCHES:-16 64 128}; do
+      timeout ${P2PB_TIMEOUT:-150} python -m dcpserve.bench.engine $BENCH --num-layers 4 --dcp ${TP:-4} --batch $b \
+          --input-len 4096 --output-len 64 --max-running-requests $(( b > 64 ? b : 64 )) --out "$OUT/p2pbatch_b$b.json" \
+          --compare "a2a:dcp=${TP:-4},dcp_comm=a2a" 2>&1 | tail -3 | tee -a "$LOG"
+    done ;;
   hfcmp)
     timeout 200 python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out "$OUT/hf.json" \
         2>&1 | tail -6 | tee -a "$LOG" ;;
