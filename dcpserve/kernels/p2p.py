@@ -118,6 +118,12 @@ def _p2p_gather_kernel(x_ptr, out_ptr, bases, rank, world, region, total, row_wo
 
 
 @triton.jit
+def _own_head(row, H, DH, rank):
+    """Row (b, h) of this rank's [B, H] output -> its head in the group's [B, d*H] partials."""
+    return (row // H) * DH + rank * H + row % H
+
+
+@triton.jit
 def _p2p_merge_kernel(out_ptr, lse_out_ptr, bases, rank, world, part, lses, n_rows, H, DH, V, n_blocks,
                       W: tl.constexpr, R: tl.constexpr, BLOCK_V: tl.constexpr, PHASE: tl.constexpr):
     cta = tl.program_id(0)
@@ -135,17 +141,15 @@ def _p2p_merge_kernel(out_ptr, lse_out_ptr, bases, rank, world, part, lses, n_ro
         for blk in range(cta, n_blocks, tl.num_programs(0)):
             rows = blk * R + r
             rmask = rows < n_rows
-            b = rows // H
-            g = b * DH + rank * H + (rows - b * H)  # this rank's heads in the group's [B, d*H] partials
+            g = _own_head(rows, H, DH, rank)
             # Weights one row at a time through the all-to-all merge's own helper (same vector shape and warps
             # as `merge_lse`), so both merges round identically.
             w = tl.zeros([R, W], dtype=tl.float32)
             total = tl.zeros([R], dtype=tl.float32)
             for i in tl.static_range(R):
                 row = blk * R + i
-                gi = (row // H) * DH + rank * H + row % H
-                lse = tl.load(fbase + lses + gi, mask=(q < world) & (row < n_rows), other=float("-inf"),
-                              cache_modifier=".cg")
+                lse = tl.load(fbase + lses + _own_head(row, H, DH, rank), mask=(q < world) & (row < n_rows),
+                              other=float("-inf"), cache_modifier=".cg")
                 wi, ti = lse_weights(lse)
                 w = tl.where(r[:, None] == i, wi[None, :], w)
                 total = tl.where(r == i, ti, total)
