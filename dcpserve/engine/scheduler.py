@@ -102,8 +102,7 @@ class Scheduler:
             # them. Send those back to the start so the head can proceed (they are recomputed later).
             for seq in list(self.waiting)[1:]:
                 if seq.block_table:
-                    self._drop_pages(seq)
-                    seq.page_hashes, seq.num_computed = [], 0
+                    self._restart(seq)
             step = self._schedule_prefill()
         return step
 
@@ -201,6 +200,11 @@ class Scheduler:
             self.free_slots.append(seq.slot)
             seq.slot, seq.sent_pages = None, 0
 
+    def _restart(self, seq: Sequence) -> None:
+        """Back to nothing computed: pages and slot released, to be recomputed (or found again as a prefix)."""
+        self._drop_pages(seq)
+        seq.page_hashes, seq.num_computed = [], 0
+
     def _match_prefix(self, seq: Sequence) -> None:
         # Never reuse the page holding the last token: it must be computed to produce logits, and writing
         # into a shared page would change another sequence's cache.
@@ -248,9 +252,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._drop_pages(seq)
-        seq.page_hashes = []
-        seq.num_computed = 0
+        self._restart(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
