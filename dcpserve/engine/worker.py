@@ -119,10 +119,8 @@ class ModelRunner:
         self.rt = AttnRuntime(self.pool, RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_pos, dev, self.dtype),
                               get_backend(self.backend), self.dcp_comm, self._peer_comm())
         if self.backend == "triton":
-            for layer in self.model.layers:
-                if hasattr(layer.mlp, "fused"):
-                    layer.mlp.fused = True
-        self.sampler = Sampler()
+            self.model.use_triton_kernels(self.rt.rope)
+        self.sampler = Sampler(fused=self.backend == "triton")
         self.profiler = StepProfiler.from_env(ps.rank)
         self.graphs = None
         self.prev_tokens: torch.Tensor | None = None  # the held step's sampled tokens (every rank)

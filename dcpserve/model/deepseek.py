@@ -11,6 +11,7 @@ from dcpserve.loader.reader import Reader
 from dcpserve.model.layers import DenseMLP, ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from dcpserve.model.mla import MLA, AttnRuntime
 from dcpserve.model.moe import MoE
+from dcpserve.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -21,9 +22,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), fb, rt)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch,
+                rt: AttnRuntime) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is h + residual (residual None: h alone, the first layer). Each sum is formed
+        inside the next norm (one kernel with the Triton backend), not by a separate add."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.add_forward(h, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, fb, rt), residual)
+        return self.mlp(h), residual
 
     def load(self, r: Reader, prefix: str) -> None:
         self.self_attn.load(r, prefix + ".self_attn")
@@ -44,11 +52,19 @@ class DeepseekForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, rt: AttnRuntime) -> torch.Tensor:
         """Returns full-vocab logits (fp32) of each sequence's last token, on every rank."""
-        x = self.embed_tokens(fb.input_ids)
+        h, residual = self.embed_tokens(fb.input_ids), None
         for layer in self.layers:
-            x = layer(x, fb, rt)
-        x = self.norm(x[fb.last_idx])
+            h, residual = layer(h, residual, fb, rt)
+        last = h[fb.last_idx]
+        x = self.norm(last) if residual is None else self.norm.add_forward(last, residual[fb.last_idx])[0]
         return self.lm_head(x).float()
+
+    def use_triton_kernels(self, rope: RotaryEmbedding) -> None:
+        """The Triton backend's fused kernels for the layers' norms, rope and MoE (graph-safe, fewer launches)."""
+        rope.fused = True
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MoE)):
+                m.fused = True
 
     def load(self, r: Reader) -> None:
         # Layers past num_hidden_layers (the MTP layer of official checkpoints) are not read.

@@ -11,17 +11,41 @@ from dcpserve.distributed.parallel import ParallelState
 from dcpserve.loader.reader import FULL, Reader, ShardSpec
 
 
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HF's DeepseekV3RMSNorm of x (of x + residual when given, which is also returned, rounded to x's dtype
+    as the residual stream is). The reference of kernels/rmsnorm.py."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * xf.to(x.dtype)
+    if out is not None:
+        out.copy_(y)
+        y = out
+    return y, (x if residual is not None else None)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
+        self.fused = False  # set by the runner with the Triton backend: one kernel per call (kernels/rmsnorm.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._norm(x, None, out)[0]
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add of the layer before, fused into the norm."""
+        return self._norm(x, residual, None)
+
+    def _norm(self, x, residual, out):
+        if self.fused:
+            from dcpserve.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual, out)
+        return rms_norm_ref(x, self.weight, self.eps, residual, out)
 
     def load(self, r: Reader, prefix: str) -> None:
         self.weight.data = r.get(prefix + ".weight", tuple(self.weight.shape))

@@ -52,13 +52,14 @@ class Indexer(nn.Module):
     def keys(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
         k = F.layer_norm(self.wk(x), (self.head_dim,), self.k_norm_weight, self.k_norm_bias, 1e-6)
         r = self.cfg.qk_rope_head_dim
-        return torch.cat([rope.apply_half(k[:, :r], positions), k[:, r:]], dim=-1)
+        rope.apply_half(k[:, :r], positions, out=k[:, :r])  # in place: the rest of the row passes through
+        return k
 
     def queries(self, x: torch.Tensor, q_lora: torch.Tensor, positions: torch.Tensor,
                 rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.wq_b(q_lora).view(-1, self.n_heads, self.head_dim)
         r = self.cfg.qk_rope_head_dim
-        q = torch.cat([rope.apply_half(q[..., :r], positions), q[..., r:]], dim=-1)
+        rope.apply_half(q[..., :r], positions, out=q[..., :r])
         w = F.linear(x.float(), self.weights_proj) * self.n_heads ** -0.5
         return q, w
 
@@ -103,30 +104,41 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         return w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # W_UK, W_UV: [H, 128, 512]
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        return rope.apply_interleaved(x, positions) if self.cfg.rope_interleave else rope.apply_half(x, positions)
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, out: torch.Tensor) -> None:
+        if self.cfg.rope_interleave:
+            rope.apply_interleaved(x, positions, out)
+        else:
+            rope.apply_half(x, positions, out)
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch, rt: AttnRuntime) -> torch.Tensor:
         c, pool, be = self.cfg, rt.pool, rt.backend
+        t, r, n = x.shape[0], c.kv_lora_rank, c.qk_nope_head_dim
         if c.q_lora_rank:
             q_lora = self.q_a_layernorm(self.q_a_proj(x))
             q = self.q_b_proj(q_lora)
         else:
             q_lora, q = None, self.q_proj(x)
         q = q.view(-1, self.heads, c.qk_head_dim)
-        q_nope, q_pe = q[..., : c.qk_nope_head_dim], self._rope(q[..., c.qk_nope_head_dim :], fb.positions, rt.rope)
+        # The latent row and the absorbed query are written in place, the norm and rope straight into their
+        # columns: no torch.cat of the pieces.
         kv = self.kv_a_proj_with_mqa(x)
-        latent = torch.cat([self.kv_a_layernorm(kv[:, : c.kv_lora_rank]),
-                            self._rope(kv[:, c.kv_lora_rank :], fb.positions, rt.rope)], dim=-1)
+        latent = kv.new_empty(t, r + c.qk_rope_head_dim)
+        self.kv_a_layernorm(kv[:, :r], out=latent[:, :r])
+        self._rope(kv[:, r:], fb.positions, rt.rope, latent[:, r:])
         be.write_latent(pool.latent[self.layer], fb.write_rows, latent, pool.latent_fmt)
         w_uk, w_uv = self._absorb_weights()
-        q_abs = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], dim=-1)  # [T, H, 576]
+        q_abs = q.new_empty(t, self.heads, r + c.qk_rope_head_dim)  # [T, H, 576]
+        torch.bmm(q[..., :n].transpose(0, 1), w_uk, out=q_abs[..., :r].transpose(0, 1))
+        self._rope(q[..., n:], fb.positions, rt.rope, q_abs[..., r:])
 
         idx = None
+        select = self.indexer is not None and fb.max_ctx_len > c.index_topk
         if self.indexer is not None:
             k_idx = self.indexer.keys(x, fb.positions, rt.rope)
             be.write_index(pool.index_keys[self.layer], fb.index_write_rows, k_idx, pool.index_fmt)
-            idx = (*self.indexer.queries(x, q_lora, fb.positions, rt.rope), k_idx)
+            # The queries only pick tokens: a batch whose contexts all fit in top-k attends densely.
+            if select:
+                idx = (*self.indexer.queries(x, q_lora, fb.positions, rt.rope), k_idx)
         if fb.is_decode:
             o_lat = self._decode(q_abs, fb, rt, idx)
         else:
@@ -142,7 +154,7 @@ class MLA(nn.Module):
         cache = pool.latent[self.layer]
         # With p2p the kernel writes its partials straight into the buffer the peers' merge reads.
         dest = p2p.partials(qg.shape[0], q.shape[1], c.kv_lora_rank) if p2p is not None else None
-        if self.indexer is not None and fb.max_ctx_len > c.index_topk:
+        if idx is not None:
             rows, counts = self._decode_select(fb, rt, idx[0], idx[1])
             out, lse = be.sparse_decode(qg, cache, rows, counts, c.softmax_scale, pool.latent_fmt, dest=dest)
         else:
@@ -177,7 +189,7 @@ class MLA(nn.Module):
         kv = torch.cat([t for i in range(fb.num_seqs)
                         for t in (pool.latent_fmt.decode(prefix[i]), fresh[fb.seq_tokens(i)])])
         topk_pos = None
-        if self.indexer is not None and fb.max_ctx_len > c.index_topk:
+        if idx is not None:
             topk_pos = self._prefill_select(fb, rt, idx, starts)
         out, _ = be.prefill(q, kv, fb.cu_new, fb.cu_ctx, fb.positions, c.softmax_scale, pool.latent_fmt, topk_pos,
                             cu_dev=fb.cu_dev)
