@@ -27,7 +27,7 @@ def _argmax_blocks_kernel(x_ptr, stride_x, n, vmax_ptr, imax_ptr, inan_ptr, NB, 
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     m = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=float("-inf")).to(tl.float32)
-    nan = (x != x) & m
+    nan = (x != x) & m  # noqa: PLR0124  (the NaN test: NaN is the one value unequal to itself)
     x = tl.where(nan, float("-inf"), x)
     best = tl.max(x, axis=0)
     first = tl.min(tl.where(m & (x == best), cols, 2**31 - 1), axis=0)

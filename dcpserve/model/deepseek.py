@@ -8,7 +8,12 @@ from dcpserve.config import ModelConfig
 from dcpserve.distributed.parallel import ParallelState
 from dcpserve.engine.forward_batch import ForwardBatch
 from dcpserve.loader.reader import Reader
-from dcpserve.model.layers import DenseMLP, ParallelLMHead, RMSNorm, VocabParallelEmbedding
+from dcpserve.model.layers import (
+    DenseMLP,
+    ParallelLMHead,
+    RMSNorm,
+    VocabParallelEmbedding,
+)
 from dcpserve.model.mla import MLA, AttnRuntime
 from dcpserve.model.moe import MoE
 from dcpserve.model.rope import RotaryEmbedding

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from dcpserve.kernels.argmax import BLOCK, argmax  # noqa: E402
+from dcpserve.kernels.argmax import BLOCK, argmax
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from dcpserve.kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
-from dcpserve.kernels.rope import rope, rope_ref  # noqa: E402
+from dcpserve.kernels.rmsnorm import rms_norm, rms_norm_ref
+from dcpserve.kernels.rope import rope, rope_ref
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="real widths need a GPU (the interpreter is slow)")
