@@ -132,12 +132,11 @@ class MLA(nn.Module):
         self._rope(q[..., n:], fb.positions, rt.rope, q_abs[..., r:])
 
         idx = None
-        select = self.indexer is not None and fb.max_ctx_len > c.index_topk
         if self.indexer is not None:
             k_idx = self.indexer.keys(x, fb.positions, rt.rope)
             be.write_index(pool.index_keys[self.layer], fb.index_write_rows, k_idx, pool.index_fmt)
             # The queries only pick tokens: a batch whose contexts all fit in top-k attends densely.
-            if select:
+            if fb.max_ctx_len > c.index_topk:
                 idx = (*self.indexer.queries(x, q_lora, fb.positions, rt.rope), k_idx)
         if fb.is_decode:
             o_lat = self._decode(q_abs, fb, rt, idx)
