@@ -18,6 +18,7 @@ import triton.language as tl
 
 BLOCK = 4096
 _NONE = 2**31 - 1  # "no such index"
+_NONE_C = tl.constexpr(_NONE)  # kernels may only read constexpr globals
 
 
 @triton.jit
@@ -30,8 +31,8 @@ def _argmax_blocks_kernel(x_ptr, stride_x, n, vmax_ptr, imax_ptr, inan_ptr, NB, 
     nan = (x != x) & m  # noqa: PLR0124  (the NaN test: NaN is the one value unequal to itself)
     x = tl.where(nan, float("-inf"), x)
     best = tl.max(x, axis=0)
-    first = tl.min(tl.where(m & (x == best), cols, 2**31 - 1), axis=0)
-    first_nan = tl.min(tl.where(nan, cols, 2**31 - 1), axis=0)
+    first = tl.min(tl.where(m & (x == best), cols, _NONE_C), axis=0)
+    first_nan = tl.min(tl.where(nan, cols, _NONE_C), axis=0)
     o = row * NB + blk
     tl.store(vmax_ptr + o, best)
     tl.store(imax_ptr + o, first)
@@ -44,12 +45,12 @@ def _argmax_combine_kernel(vmax_ptr, imax_ptr, inan_ptr, out_ptr, NB, NB_P2: tl.
     b = tl.arange(0, NB_P2)
     m = b < NB
     v = tl.load(vmax_ptr + row * NB + b, mask=m, other=float("-inf"))
-    i = tl.load(imax_ptr + row * NB + b, mask=m, other=2**31 - 1)
-    i_nan = tl.min(tl.load(inan_ptr + row * NB + b, mask=m, other=2**31 - 1), axis=0)
+    i = tl.load(imax_ptr + row * NB + b, mask=m, other=_NONE_C)
+    i_nan = tl.min(tl.load(inan_ptr + row * NB + b, mask=m, other=_NONE_C), axis=0)
     best = tl.max(v, axis=0)
     # Blocks are in column order and each holds its own first maximum: the smallest such index wins.
-    first = tl.min(tl.where(m & (v == best), i, 2**31 - 1), axis=0)
-    tl.store(out_ptr + row, tl.where(i_nan < 2**31 - 1, i_nan, first).to(tl.int64))
+    first = tl.min(tl.where(m & (v == best), i, _NONE_C), axis=0)
+    tl.store(out_ptr + row, tl.where(i_nan < _NONE_C, i_nan, first).to(tl.int64))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

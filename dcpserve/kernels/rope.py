@@ -52,7 +52,8 @@ def _rope_kernel(x_ptr, stride_xt, stride_xh, pos_ptr, cos_ptr, sin_ptr, stride_
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
          out: torch.Tensor | None = None) -> torch.Tensor:
-    if x.dim() not in (2, 3) or x.stride(-1) != 1 or x.shape[-1] != 2 * cos.shape[-1] or cos.stride(-1) != 1:
+    if (x.dim() not in (2, 3) or x.stride(-1) != 1 or x.shape[-1] != 2 * cos.shape[-1] or cos.stride(-1) != 1
+            or sin.shape != cos.shape or sin.stride() != cos.stride()):
         raise ValueError(f"rope wants x [T, (H,) R] with unit stride on R and tables [P, R/2]; got x "
                          f"{tuple(x.shape)} stride {x.stride()}, cos {tuple(cos.shape)}")
     y = out if out is not None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype),
