@@ -103,7 +103,7 @@ def check(name: str, got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Te
     return res
 
 
-def run_checks(tiles: dict) -> list[dict]:
+def run_checks(tiles: dict, page: int) -> list[dict]:
     from dcpserve.kernels.merge import merge_lse, merge_lse_ref
     from dcpserve.kernels.mla_decode import mla_decode, mla_decode_ref
     from dcpserve.kernels.mla_prefill import mla_prefill, mla_prefill_ref
@@ -113,20 +113,20 @@ def run_checks(tiles: dict) -> list[dict]:
     out = []
     lens = torch.tensor([4100, 0, 999, 2500, 64], dtype=torch.int32, device="cuda")
     b = lens.shape[0]
-    max_pages = 4100 // PAGE + 1
+    max_pages = 4100 // page + 1
     q = torch.randn(b, HEADS, KV_LORA + ROPE, device="cuda").bfloat16()
     for fp8 in (False, True):
         tag = "fp8" if fp8 else "bf16"
-        pool = make_pool(b * max_pages * PAGE, fp8, seed=2)
+        pool = make_pool(b * max_pages * page, fp8, seed=2)
         bt = torch.randperm(b * max_pages, device="cuda").view(b, max_pages).int()
-        ref = mla_decode_ref(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8)
+        ref = mla_decode_ref(q, pool, bt, lens, page, SCALE, KV_LORA, ROPE, fp8)
         for ns in (None, 5):
-            got = mla_decode(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8, num_splits=ns,
+            got = mla_decode(q, pool, bt, lens, page, SCALE, KV_LORA, ROPE, fp8, num_splits=ns,
                              config=tiles.get(f"dense-{tag}"))
             out.append(check(f"decode {tag} splits={ns} ({dense_kernel(q, pool, fp8, tiles.get(f'dense-{tag}'))})",
                              got, ref))
         if not fp8:  # the portable kernel too, where the Hopper one took the default path
-            got = mla_decode(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8, config=default_tile(HEADS, fp8))
+            got = mla_decode(q, pool, bt, lens, page, SCALE, KV_LORA, ROPE, fp8, config=default_tile(HEADS, fp8))
             out.append(check(f"decode {tag} (portable)", got, ref))
         counts = torch.tensor([2048, 0, 777, 1500, 1], dtype=torch.int32, device="cuda")
         rows = torch.full((b, 2048), -1, dtype=torch.int32, device="cuda")
@@ -171,16 +171,16 @@ def dense_kernel(q: torch.Tensor, pool: torch.Tensor, fp8: bool, tile) -> str:
     return "sm90" if tile is None and sm90_kernel(q, pool, KV_LORA, ROPE, fp8) else "portable"
 
 
-def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, num_splits: int | None = None,
+def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, page: int, num_splits: int | None = None,
                heads: int = HEADS) -> dict:
     from dcpserve.kernels.mla_decode import mla_decode
 
-    pages = ctx // PAGE
+    pages = ctx // page
     # Disjoint pages per sequence in shuffled order: every byte is read from HBM, none twice.
-    bt = torch.randperm(pool.shape[0] // PAGE, device="cuda")[: batch * pages].view(batch, pages).int()
+    bt = torch.randperm(pool.shape[0] // page, device="cuda")[: batch * pages].view(batch, pages).int()
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, KV_LORA + ROPE, device="cuda").bfloat16()
-    fn = lambda: mla_decode(q, pool, bt, lens, PAGE, SCALE, KV_LORA, ROPE, fp8, num_splits=num_splits,  # noqa: E731
+    fn = lambda: mla_decode(q, pool, bt, lens, page, SCALE, KV_LORA, ROPE, fp8, num_splits=num_splits,  # noqa: E731
                             max_len=ctx, config=tile)
     ms = bench_ms(fn)
     nbytes = batch * ctx * row_bytes(fp8)
@@ -233,7 +233,6 @@ def parse_tile(spec: str):
 
 
 def main() -> None:
-    global PAGE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this long")
@@ -250,14 +249,14 @@ def main() -> None:
     ap.add_argument("--tile", action="append", default=[],
                     help="KIND=H,N,WARPS,STAGES with KIND in dense-bf16, dense-fp8, sparse-bf16, sparse-fp8")
     args = ap.parse_args()
-    PAGE = args.page_size
+    page = args.page_size
     if not torch.cuda.is_available():
         raise SystemExit("CUDA is required")
     budget = Budget(args.budget_s)
     tiles = {kv.split("=")[0]: parse_tile(kv.split("=")[1]) for kv in args.tile}
     props = torch.cuda.get_device_properties(0)
     res: dict[str, Any] = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-                           "page_size": PAGE, "checks": [], "sweep": [], "dense": [], "sparse": [], "merge": [],
+                           "page_size": page, "checks": [], "sweep": [], "dense": [], "sparse": [], "merge": [],
                            "prefill": []}
     import triton
 
@@ -273,7 +272,7 @@ def main() -> None:
     save()
     if not args.skip_checks:
         t0 = time.time()
-        res["checks"] = run_checks(tiles)
+        res["checks"] = run_checks(tiles, page)
         res["checks_s"] = time.time() - t0
         save()
 
@@ -284,10 +283,10 @@ def main() -> None:
         for heads, batch, ctx in itertools.product(args.heads, (1, 32, 128), (4096, 32768, 131072)):
             if budget.left() < 15:
                 break
-            r = dense_case(pool, fp8, batch, ctx, tiles.get(f"dense-{tag}"), heads=heads)
+            r = dense_case(pool, fp8, batch, ctx, tiles.get(f"dense-{tag}"), page, heads=heads)
             rows = [r]
             if r["kernel"] == "sm90":  # and the portable kernel on the same shape, for comparison
-                rows.append(dense_case(pool, fp8, batch, ctx, default_tile(heads, fp8), heads=heads))
+                rows.append(dense_case(pool, fp8, batch, ctx, default_tile(heads, fp8), page, heads=heads))
             for r in rows:
                 r["pct_copy_bw"] = 100 * r["gbps"] / res["copy_gbps"]
                 res["dense"].append(r)
@@ -318,7 +317,7 @@ def main() -> None:
                     tile = parse_tile(",".join(map(str, cfg)))
                     t0 = time.time()
                     try:
-                        r = dense_case(pool, fp8, 32, 32768, tile) if kind == "dense" else sparse_case(pool, fp8, 128, 2048, tile)
+                        r = dense_case(pool, fp8, 32, 32768, tile, page) if kind == "dense" else sparse_case(pool, fp8, 128, 2048, tile)
                     except Exception as exc:  # out of shared memory / registers: record and go on
                         r = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                     r.update(kind=kind, cache=tag, tile=list(cfg), wall_s=time.time() - t0)
@@ -337,7 +336,7 @@ def main() -> None:
             for ns in sorted({1, 2, 4, 8, 17, 33, chosen}):
                 if budget.left() < 10:
                     break
-                r = dense_case(pool, False, batch, ctx, tiles.get("dense-bf16"), num_splits=ns)
+                r = dense_case(pool, False, batch, ctx, tiles.get("dense-bf16"), page, num_splits=ns)
                 r.update(kind="splits", num_splits=ns, chosen=chosen)
                 res["sweep"].append(r)
                 print(f"splits batch={batch} ctx={ctx} splits={ns}{' (chosen)' if ns == chosen else ''}: "
