@@ -204,6 +204,7 @@ def resolve_device(device: str) -> str:
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3")
 DCP_COMMS = ("auto", "p2p", "a2a", "ag_rs")
 DCP_INDEXERS = ("sharded", "replicated")
+QUANTIZATIONS = ("auto", "fp8", "none")
 
 
 @dataclass
@@ -229,6 +230,11 @@ class EngineArgs:
     load_format: str = field(default="auto", metadata={"help": "auto or dummy (random weights)", "choices": ("auto", "dummy")})
     num_layers: int | None = field(default=None, metadata={"help": "override layer count (benchmarks)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
+    quantization: str = field(default="auto", metadata={
+        "help": "layer weights: auto (as the checkpoint's config.json says: DeepSeek's block-fp8 checkpoints, "
+                "and dummy weights of such a config, stay fp8), fp8 (block-quantize full-precision weights at "
+                "load) or none (dequantize fp8 checkpoints to --dtype at load)",
+        "choices": QUANTIZATIONS})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     attention_backend: str = field(default="auto", metadata={
         "help": "auto (triton on CUDA when the model's dims fit its kernels, else torch), torch or triton",
@@ -265,7 +271,8 @@ class EngineArgs:
             raise ConfigError("--page-size must be >= 1")
         if self.dcp_interleave < 1 or self.page_size % self.dcp_interleave != 0:
             raise ConfigError(f"--dcp-interleave {self.dcp_interleave} must be >= 1 and divide --page-size {self.page_size}")
-        for name, choices in (("dcp_comm", DCP_COMMS), ("dcp_indexer", DCP_INDEXERS), ("kv_cache_dtype", KV_CACHE_DTYPES)):
+        for name, choices in (("dcp_comm", DCP_COMMS), ("dcp_indexer", DCP_INDEXERS), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                              ("quantization", QUANTIZATIONS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
         if self.dcp_comm == "p2p" and self.dcp > 1 and resolve_device(self.device) != "cuda":

@@ -2,13 +2,12 @@
 outputs on them: the independent reference the engine must match."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from dcpserve.kv.formats import FP8, FP8_MAX
+from dcpserve.loader.fp8 import to_fp8_checkpoint as write_fp8_checkpoint
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -62,46 +61,12 @@ def build_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def quantize_block_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek fp8 weights: e4m3 values, one fp32 `weight_scale_inv` per 128x128 block (ragged at edges)."""
-    o, i = w.shape
-    bo, bi = -(-o // block), -(-i // block)
-    padded = torch.nn.functional.pad(w.float(), (0, bi * block - i, 0, bo * block - o))
-    blocks = padded.view(bo, block, bi, block)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-8) / FP8_MAX
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(bo * block, bi * block)[:o, :i]
-    return q.contiguous(), scale.float()
-
-
-def dequantize_block_fp8(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    o, i = q.shape
-    s = scale.repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
-    return q.float() * s
-
-
 def to_fp8_checkpoint(model, path: str) -> None:
     """Rewrite a saved checkpoint with fp8 block-quantized linear weights, and load the dequantized weights back
     into `model` so that it is the exact reference of the fp8 checkpoint."""
     from safetensors.torch import load_file, save_file
 
-    sd = load_file(os.path.join(path, "model.safetensors"))
-    out = {}
-    for name, t in sd.items():
-        quantize = (t.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and "lm_head" not in name
-                    and not name.endswith("mlp.gate.weight") and "weights_proj" not in name)
-        if quantize:
-            q, s = quantize_block_fp8(t)
-            out[name], out[name + "_scale_inv"] = q, s
-            sd[name] = dequantize_block_fp8(q, s)
-        else:
-            out[name] = t
-    save_file(out, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    sd = write_fp8_checkpoint(path)
     # Reference = the dequantized weights, loaded by HF's own name mapping.
     from transformers import AutoModelForCausalLM
 

@@ -20,9 +20,11 @@ def interpret(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
 
 
-@pytest.mark.parametrize("tp,dcp,cache", [(1, 1, "auto"), (2, 2, "auto"), (2, 2, "fp8_e4m3")])
-def test_triton_backend_matches(hf_refs, tp, dcp, cache):
-    ref = hf_refs["v32"]
+@pytest.mark.parametrize("tp,dcp,cache,kind", [(1, 1, "auto", "v32"), (2, 2, "auto", "v32"), (2, 2, "fp8_e4m3", "v32"),
+                                             (1, 1, "auto", "v32-fp8")])
+def test_triton_backend_matches(hf_refs, tp, dcp, cache, kind):
+    """v32-fp8 at tp=1 keeps every layer matrix in e4m3: the fp8 linear and fp8 MoE kernels."""
+    ref = hf_refs[kind]
     prompts = [PROMPTS[0], PROMPTS[2]]  # 40 tokens: sparse (index_topk 16); 3 tokens: dense
     with LLM(ref.path, tp=tp, dcp=dcp, page_size=4, kv_mem_gb=0.01, dtype="float32", attention_backend="triton",
              kv_cache_dtype=cache) as llm:

@@ -3,12 +3,18 @@ without an engine would run. Builds a DeepSeek-V3.2-dimension model with `--num-
 transformers (random init, bf16), saves it, times transformers' greedy decode, then dcpserve's, and checks
 that the greedy tokens agree.
 
-  python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out hf.json
+With `--fp8` the saved checkpoint is rewritten in DeepSeek's own block-fp8 format (as the official V3/V3.2
+checkpoints ship) and transformers runs the bf16 values it describes (its weights replaced by the
+dequantized ones); dcpserve runs it twice: keeping the weights in fp8 (the default for such a checkpoint)
+and with `--quantization none` (dequantized to bf16 at load).
+
+  python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 [--fp8] --out hf.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -17,7 +23,7 @@ import torch
 from dcpserve.loader.tiny import DEEPSEEK_V32_CONFIG
 
 
-def build_hf(num_layers: int, path: str):
+def build_hf(num_layers: int, path: str, fp8: bool):
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
     raw = {k: v for k, v in DEEPSEEK_V32_CONFIG.items()
@@ -30,7 +36,30 @@ def build_hf(num_layers: int, path: str):
     with torch.device("cuda"):
         model = DeepseekV32ForCausalLM(cfg).to(torch.bfloat16).eval()
     model.save_pretrained(path)
+    if fp8:
+        from dcpserve.loader.fp8 import to_fp8_checkpoint
+
+        model = _load_values(model, to_fp8_checkpoint(path), path + "-dequant-ref")
     return model
+
+
+def _load_values(model, sd: dict[str, torch.Tensor], tmp: str):
+    """The model with its weights replaced by `sd` (checkpoint names), through transformers' own loading."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV32ForCausalLM
+
+    model.save_pretrained(tmp)
+    f = os.path.join(tmp, "model.safetensors")
+    ref = load_file(f)
+    ref.update({k: v.to(ref[k].dtype) for k, v in sd.items() if k in ref})
+    save_file(ref, f)
+    del model
+    torch.cuda.empty_cache()
+    out = DeepseekV32ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map="cuda").eval()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 @torch.no_grad()
@@ -54,11 +83,12 @@ def main() -> int:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--fp8", action="store_true", help="a DeepSeek block-fp8 checkpoint (see above)")
     p.add_argument("--dir", default=None)
     p.add_argument("--out", default=None)
     ns = p.parse_args()
     path = ns.dir or tempfile.mkdtemp(prefix="hf-v32-")
-    model = build_hf(ns.num_layers, path)
+    model = build_hf(ns.num_layers, path, ns.fp8)
     ids = torch.randint(2, 129280, (ns.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
     hf_ids, hf_ttft, hf_tpot = time_hf(model, ids, ns.output_len)
     del model
@@ -68,7 +98,10 @@ def main() -> int:
     from dcpserve.config import EngineArgs
 
     rows = {"transformers": {"ttft_ms": hf_ttft, "tpot_ms": hf_tpot, "tok_s": 1e3 / hf_tpot}}
-    for label, extra in (("dcpserve", {}), ("dcpserve-eager", {"disable_cuda_graph": True})):
+    runs = [("dcpserve", {}), ("dcpserve-eager", {"disable_cuda_graph": True})]
+    if ns.fp8:
+        runs += [("dcpserve-dequantized", {"quantization": "none"})]
+    for label, extra in runs:
         args = EngineArgs(model_path=path, tp=1, dcp=1, attention_backend="triton", kv_mem_gb=4.0, **extra)
         import dcpserve.bench.engine as be
 
@@ -80,12 +113,13 @@ def main() -> int:
                        "speedup_vs_transformers": hf_tpot / r.tpot_ms,
                        "first_token_mismatch": first_mismatch([hf_ids], r.output_ids)}
     gpu = torch.cuda.get_device_name(0)
-    report = {"date": time.strftime("%Y-%m-%d"), "device": gpu, "num_layers": ns.num_layers,
+    report = {"date": time.strftime("%Y-%m-%d"), "device": gpu, "num_layers": ns.num_layers, "fp8_checkpoint": ns.fp8,
               "input_len": ns.input_len, "output_len": ns.output_len, "rows": rows}
     if ns.out:
         with open(ns.out, "w") as f:
             json.dump(report, f, indent=2)
-    print(f"\n{gpu}: DeepSeek-V3.2 dims, {ns.num_layers} layers, bf16, batch 1, {ns.input_len} in / {ns.output_len} out")
+    wfmt = "fp8 block-quantized checkpoint" if ns.fp8 else "bf16"
+    print(f"\n{gpu}: DeepSeek-V3.2 dims, {ns.num_layers} layers, {wfmt}, batch 1, {ns.input_len} in / {ns.output_len} out")
     print(f"{'engine':<18}{'TTFT ms':>10}{'TPOT ms':>10}{'tok/s':>10}{'speedup':>10}  greedy tokens vs transformers")
     for k, v in rows.items():
         sp = f"{v.get('speedup_vs_transformers', 1.0):.1f}x"

@@ -74,9 +74,10 @@ class LLMEngine:
         self.stats = EngineStats()
         self._forget: list[str] = []
         self._inflight: ScheduledStep | None = None  # a decode step sent ahead whose tokens are not yet read
-        log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights loaded in %.1f s on %s, "
-                 "%s attention backend, %s DCP collectives", args.tp, args.dcp, info.num_pages, info.tokens,
-                 info.load_s, info.device, info.attention_backend, info.dcp_comm)
+        log.info("engine ready: tp=%d dcp=%d, %d KV pages (%d tokens), weights %.2f GB per rank (%d fp8 "
+                 "matrices) loaded in %.1f s on %s, %s attention backend, %s DCP collectives", args.tp, args.dcp,
+                 info.num_pages, info.tokens, info.weight_gb, info.fp8_weights, info.load_s, info.device,
+                 info.attention_backend, info.dcp_comm)
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -25,7 +25,7 @@ from dcpserve.engine.forward_batch import BlockTables, StepPlan, build_forward_b
 from dcpserve.engine.sampler import SampleSpec, Sampler
 from dcpserve.kv.layout import SlotLayout
 from dcpserve.kv.pool import KVPool, plan_kv
-from dcpserve.loader.reader import DummyReader, SafetensorsReader
+from dcpserve.loader.reader import DummyReader, Reader, SafetensorsReader
 from dcpserve.model.deepseek import DeepseekForCausalLM
 from dcpserve.model.mla import AttnRuntime
 from dcpserve.model.rope import RotaryEmbedding
@@ -41,6 +41,8 @@ class WorkerInfo:
     device: str
     attention_backend: str
     dcp_comm: str
+    weight_gb: float = 0.0  # this rank's weights (fp8 layer matrices count 1 byte per element)
+    fp8_weights: int = 0  # how many layer matrices (experts stacked per layer) stay e4m3
 
 
 @dataclass
@@ -92,6 +94,17 @@ def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtyp
     return DTYPES.get(cfg.torch_dtype, torch.bfloat16) if cfg.torch_dtype != "float32" else torch.bfloat16
 
 
+def make_reader(args: EngineArgs, cfg: ModelConfig, dtype: torch.dtype, dev: torch.device) -> Reader:
+    """--quantization auto keeps what the checkpoint's config.json says (fp8 for DeepSeek's own checkpoints);
+    dummy weights of an fp8 config are drawn in full precision and block-quantized, like a real checkpoint."""
+    fp8_config = cfg.quant_block is not None
+    keep = args.quantization != "none"
+    quantize = args.quantization == "fp8" or (args.quantization == "auto" and args.load_format == "dummy" and fp8_config)
+    if args.load_format == "dummy":
+        return DummyReader(dtype, dev, args.seed, quantize=quantize, block=cfg.quant_block)
+    return SafetensorsReader(args.model_path, dtype, dev, cfg.quant_block, keep_fp8=keep, quantize=quantize)
+
+
 class ModelRunner:
     def __init__(self, args: EngineArgs, cfg: ModelConfig, ps: ParallelState):
         self.args, self.cfg, self.ps = args, cfg, ps
@@ -102,8 +115,7 @@ class ModelRunner:
         torch.manual_seed(args.seed)
         with torch.device(dev):
             self.model = DeepseekForCausalLM(cfg, ps)
-        reader = (DummyReader(self.dtype, dev, args.seed) if args.load_format == "dummy"
-                  else SafetensorsReader(args.model_path, self.dtype, dev, cfg.quant_block))
+        reader = make_reader(args, cfg, self.dtype, dev)
         self.model.load(reader)
         self.load_s = time.time() - t0
         self.layout = SlotLayout(args.page_size, ps.dcp_size, args.dcp_interleave)
@@ -114,7 +126,7 @@ class ModelRunner:
                            args.dcp_indexer, dev)
         self.dcp_comm = self._resolve_dcp_comm()
         self.info = WorkerInfo(num_pages, num_pages * self.layout.global_page_slots, self.load_s, str(dev),
-                               self.backend, self.dcp_comm)
+                               self.backend, self.dcp_comm, *self._weight_stats())
         max_pos = max(cfg.max_position_embeddings, args.context_length or 0)
         self.rt = AttnRuntime(self.pool, RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_pos, dev, self.dtype),
                               get_backend(self.backend), self.dcp_comm, self._peer_comm())
@@ -130,6 +142,11 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self.model, self.rt, self.pool.dummy_row, self.pool.index_dummy_row,
                                        min(args.cuda_graph_max_bs, args.max_running_requests), num_pages)
+
+    def _weight_stats(self) -> tuple[float, int]:
+        params = list(self.model.parameters())
+        gb = sum(p.numel() * p.element_size() for p in params) / 1e9
+        return gb, sum(p.dtype == torch.float8_e4m3fn for p in params)
 
     def _kv_budget(self) -> int:
         if self.args.kv_mem_gb is not None:

@@ -6,6 +6,9 @@ fused_moe(x, w13, w2, topk_weights, topk_ids, config=None) -> [T, Hd] in x.dtype
   w2:           [E, Hd, I]
   topk_weights: fp32 [T, k] routing weights (already normalized and scaled)
   topk_ids:     int32/int64 [T, k] expert ids in [0, E)
+  scales:       optional `MoEScales` when w13/w2 are DeepSeek block-fp8 (e4m3; loader/fp8.py): each BLOCK_K
+                step then lies inside one scale block, multiplies by the raw e4m3 values and scales the partial
+                product by its block's scale per output column (the weights stream at 1 byte per element)
   out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u),  [g; u] = w13[e] @ x[t],  e = topk_ids[t, j]
 
 Pipeline (no host sync anywhere, so it can be captured in a CUDA graph):
@@ -25,13 +28,25 @@ per-expert loop. Outside a graph, moe_align's ~15 small torch ops add 40 us to 1
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+
+@dataclass
+class MoEScales:
+    """fp32 block scales of fp8 expert weights. w13 [E, 2 * nb_inter, nb_hidden]: gate blocks first, then
+    up's (each of gate and up is its own checkpoint matrix, so a block never straddles them); w2 [E,
+    nb_hidden, nb_inter]; nb_x = ceil(x / block)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -46,11 +61,27 @@ class MoEConfig:
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _moe_gemm1_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
-                      stride_xt, stride_we, stride_wn, stride_hm,
+def _mma(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _operands(a, b, DOT_F32: tl.constexpr):
+    """Tiles as the MMA takes them: both fp32, or b (bf16, or e4m3, exact in bf16/fp16) in a's dtype."""
+    if DOT_F32:
+        return a.to(tl.float32), b.to(tl.float32)
+    return a, b.to(a.dtype)
+
+
+@triton.jit
+def _moe_gemm1_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, s_ptr,
+                      stride_xt, stride_we, stride_wn, stride_hm, stride_se, stride_sn,
                       n_pairs, N: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+                      DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, BLK_N: tl.constexpr, BLK_K: tl.constexpr, NB_UP: tl.constexpr):
     """Block pid_m of sorted pairs x columns [pid_n*BN, +BN) of I: h = silu(x w_gate^T) * (x w_up^T)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,6 +98,8 @@ def _moe_gemm1_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
     g_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + N * stride_wn
+    sg_ptrs = s_ptr + e.to(tl.int64) * stride_se + (offs_n // BLK_N) * stride_sn
+    su_ptrs = sg_ptrs + NB_UP * stride_sn
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -74,11 +107,14 @@ def _moe_gemm1_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
         a = tl.load(a_ptrs, mask=valid_m[:, None] & kmask[None, :], other=0.0)
         bg = tl.load(g_ptrs, mask=kmask[:, None] & valid_n[None, :], other=0.0)
         bu = tl.load(u_ptrs, mask=kmask[:, None] & valid_n[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        if IEEE:
+        a, bg = _operands(a, bg, DOT_F32)
+        a, bu = _operands(a, bu, DOT_F32)
+        if HAS_SCALE:
+            sg = tl.load(sg_ptrs + k0 // BLK_K, mask=valid_n, other=0.0)
+            su = tl.load(su_ptrs + k0 // BLK_K, mask=valid_n, other=0.0)
+            acc_g += _mma(a, bg, IEEE) * sg[None, :]
+            acc_u += _mma(a, bu, IEEE) * su[None, :]
+        elif IEEE:
             acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
             acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
         else:
@@ -93,11 +129,12 @@ def _moe_gemm1_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
 
 
 @triton.jit
-def _moe_gemm2_kernel(h_ptr, w_ptr, y_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr,
-                      stride_hm, stride_we, stride_wn, stride_ym,
+def _moe_gemm2_kernel(h_ptr, w_ptr, y_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr, s_ptr,
+                      stride_hm, stride_we, stride_wn, stride_ym, stride_se, stride_sn,
                       n_pairs, N: tl.constexpr, K: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+                      DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, BLK_N: tl.constexpr, BLK_K: tl.constexpr):
     """y[pair, cols] = (h[sorted rows] @ w2[e][cols]^T) * routing weight of the pair, fp32."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -112,15 +149,16 @@ def _moe_gemm2_kernel(h_ptr, w_ptr, y_ptr, sorted_ptr, block_expert_ptr, topk_w_
     offs_k = tl.arange(0, BK)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    s_ptrs = s_ptr + e.to(tl.int64) * stride_se + (offs_n // BLK_N) * stride_sn
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid_m[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & valid_n[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
+        a, b = _operands(a, b, DOT_F32)
+        if HAS_SCALE:
+            acc += _mma(a, b, IEEE) * tl.load(s_ptrs + k0 // BLK_K, mask=valid_n, other=0.0)[None, :]
+        elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -178,7 +216,7 @@ def default_config(n_pairs: int, num_experts: int, inter: int, hidden: int, devi
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: MoEConfig | None = None, scales: MoEScales | None = None) -> torch.Tensor:
     """Routed-expert output [T, Hd] in x.dtype (see module docstring)."""
     t, hd = x.shape
     e, two_i, hd_w = w13.shape
@@ -193,6 +231,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         if ten.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit last-dim stride")
     cfg = config or default_config(n_pairs, e, inter, hd, x.device, x.element_size())
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    if fp8 != (scales is not None) or (fp8 and w2.dtype != w13.dtype):
+        raise ValueError("fp8 (e4m3) expert weights need their block scales, and only they take scales")
+    bn_s, bk_s = scales.block if scales is not None else (1, 1)
+    if scales is not None and config is None and bk_s % cfg.block_k:
+        cfg = replace(cfg, block_k=math.gcd(bk_s, cfg.block_k))  # each K step inside one scale block
+    nb_i, nb_h = triton.cdiv(inter, bn_s), triton.cdiv(hd, bk_s)
+    if scales is not None:
+        if bn_s != bk_s or bk_s % cfg.block_k:
+            raise ValueError(f"scale blocks {scales.block} must be square and a multiple of BLOCK_K {cfg.block_k}")
+        if scales.w13.shape != (e, 2 * nb_i, nb_h) or scales.w2.shape != (e, nb_h, nb_i):
+            raise ValueError(f"scales {tuple(scales.w13.shape)}, {tuple(scales.w2.shape)} do not fit the weights")
+    s13 = scales.w13 if scales is not None else x  # any pointer: not read without HAS_SCALE
+    s2 = scales.w2 if scales is not None else x
+    ss13 = (s13.stride(0), s13.stride(1)) if scales is not None else (0, 0)
+    ss2 = (s2.stride(0), s2.stride(1)) if scales is not None else (0, 0)
     sorted_ids, block_expert = moe_align(topk_ids, e, cfg.block_m)
     n_blocks = block_expert.numel()
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -201,20 +255,35 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     ieee = x.dtype == torch.float32 and not interp
     h = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)
     _moe_gemm1_kernel[(n_blocks, triton.cdiv(inter, cfg.block_n1))](
-        x, w13, h, sorted_ids, block_expert,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        x, w13, h, sorted_ids, block_expert, s13,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *ss13,
         n_pairs, N=inter, K=hd, TOPK=topk,
         BM=cfg.block_m, BN=cfg.block_n1, BK=cfg.block_k, DOT_F32=dot_f32, IEEE=ieee,
+        HAS_SCALE=scales is not None, BLK_N=bn_s, BLK_K=bk_s, NB_UP=nb_i,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty(n_pairs, hd, dtype=torch.float32, device=x.device)
     w_flat = topk_weights.reshape(-1).float().contiguous()
     _moe_gemm2_kernel[(n_blocks, triton.cdiv(hd, cfg.block_n2))](
-        h, w2, y, sorted_ids, block_expert, w_flat,
-        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        h, w2, y, sorted_ids, block_expert, w_flat, s2,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0), *ss2,
         n_pairs, N=hd, K=inter,
         BM=cfg.block_m, BN=cfg.block_n2, BK=cfg.block_k, DOT_F32=dot_f32, IEEE=ieee,
+        HAS_SCALE=scales is not None, BLK_N=bn_s, BLK_K=bk_s,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.view(t, topk, hd).sum(1).to(x.dtype)
+
+
+def dequant_experts(w13: torch.Tensor, w2: torch.Tensor, scales: MoEScales,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [E, 2I, Hd] and [E, Hd, I] weights of fp8 experts (gate and up dequantized with their own blocks)."""
+    from dcpserve.loader.fp8 import dequantize_block
+
+    inter, nb_i = w13.shape[1] // 2, triton.cdiv(w13.shape[1] // 2, scales.block[0])
+    d13 = torch.stack([torch.cat([dequantize_block(w13[i, :inter], scales.w13[i, :nb_i], scales.block, dtype),
+                                  dequantize_block(w13[i, inter:], scales.w13[i, nb_i:], scales.block, dtype)])
+                       for i in range(w13.shape[0])])
+    d2 = torch.stack([dequantize_block(w2[i], scales.w2[i], scales.block, dtype) for i in range(w2.shape[0])])
+    return d13, d2
 
 
 # ------------------------------------------------------------------------------------- torch reference

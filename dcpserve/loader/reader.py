@@ -2,9 +2,14 @@
 
 `SafetensorsReader` reads a single file or a sharded checkpoint (`model.safetensors.index.json`),
 bf16/fp16/fp32 tensors, and fp8 e4m3 tensors with block scales (`<name>_scale_inv`, fp32,
-ceil(out/B) x ceil(in/B)) which it dequantizes at load. `DummyReader` gives deterministic random weights of
+ceil(out/B) x ceil(in/B); format in `loader/fp8.py`). `DummyReader` gives deterministic random weights of
 the requested shapes: the full tensor is drawn from a seed derived from its name and then sliced, so every
 TP/DCP layout of the same seed sees the same model.
+
+`get` always returns a tensor in the model dtype (fp8 is dequantized). `get_linear`, for the layer matrices,
+returns an `Fp8Weight` instead when the reader keeps fp8: with `keep_fp8`, fp8 checkpoint tensors stay fp8;
+with `quantize`, full-precision ones (and dummy weights) are block-quantized at load, each from the full
+tensor's blocks so that every TP size sees the same values.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Protocol
 import torch
 
 from dcpserve.config import ConfigError
+from dcpserve.kv.formats import FP8
+from dcpserve.loader.fp8 import Fp8Weight, aligned, dequantize_block, quantize_block, shard_fp8, shard_scale
 
 
 class ShardSpec:
@@ -33,16 +40,34 @@ FULL = ShardSpec()
 
 
 class Reader(Protocol):
+    dtype: torch.dtype
+    device: torch.device
+
     def get(self, name: str, shape: tuple[int, ...], shard: ShardSpec = FULL,
             dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
+    def get_linear(self, name: str, shape: tuple[int, int], shard: ShardSpec = FULL) -> torch.Tensor | Fp8Weight: ...
+
+
+def _shard_fp8_or_dequant(w: Fp8Weight, shard: ShardSpec, dtype: torch.dtype) -> torch.Tensor | Fp8Weight:
+    """This rank's shard of a full fp8 weight: fp8 when it covers whole blocks, else dequantized (same values)."""
+    if shard.dim is None:
+        return w
+    lo, hi = shard.bounds(w.q.shape[shard.dim])
+    part = shard_fp8(w, shard.dim, lo, hi)
+    if part is not None:
+        return part
+    return dequantize_block(w.q, w.scale, w.block, dtype).narrow(shard.dim, lo, hi - lo).contiguous()
+
 
 class SafetensorsReader:
-    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block: tuple[int, int] | None):
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block: tuple[int, int] | None,
+                 keep_fp8: bool = False, quantize: bool = False):
         from safetensors import safe_open
 
         self.dtype, self.device = dtype, device
         self.block = tuple(block) if block else (128, 128)
+        self.keep_fp8, self.quantize = keep_fp8, quantize
         index_path = os.path.join(model_path, "model.safetensors.index.json")
         if os.path.isfile(index_path):
             with open(index_path) as f:
@@ -74,28 +99,53 @@ class SafetensorsReader:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str, shape: tuple[int, ...], shard: ShardSpec = FULL,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _read(self, name: str, shape: tuple[int, ...], shard: ShardSpec) -> tuple[torch.Tensor, tuple[int, ...], int, int]:
+        """(this rank's slice as stored, the full shape, lo, hi along the shard dim)."""
         sl = self._handle(name).get_slice(name)
         full = tuple(sl.get_shape())
         if full != tuple(shape):
             raise ConfigError(f"tensor {name!r} has shape {list(full)} in the checkpoint, but config.json implies {list(shape)}")
         idx = [slice(None)] * len(full)
-        lo = hi = None
+        lo, hi = 0, (full[shard.dim] if shard.dim is not None else 0)
         if shard.dim is not None:
             lo, hi = shard.bounds(full[shard.dim])
             idx[shard.dim] = slice(lo, hi)
-        t = sl[tuple(idx)]
-        if t.dtype == torch.float8_e4m3fn:
+        return sl[tuple(idx)], full, lo, hi
+
+    def get(self, name: str, shape: tuple[int, ...], shard: ShardSpec = FULL,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+        t, full, lo, _ = self._read(name, shape, shard)
+        if t.dtype == FP8:
             t = self._dequant(name, t, full, shard, lo)
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
-    def _dequant(self, name: str, t: torch.Tensor, full: tuple[int, ...], shard: ShardSpec, lo: int | None) -> torch.Tensor:
+    def get_linear(self, name: str, shape: tuple[int, int], shard: ShardSpec = FULL) -> torch.Tensor | Fp8Weight:
+        t, full, lo, hi = self._read(name, shape, shard)
+        whole = shard.dim is None or aligned(full[shard.dim], self.block[shard.dim], lo, hi)
+        if t.dtype == FP8 and self.keep_fp8 and whole:
+            scale = self._scales(name)
+            if shard.dim is not None:
+                scale = shard_scale(scale, self.block, shard.dim, lo, hi)
+            return Fp8Weight(t.to(self.device), scale.to(self.device), self.block)
+        if t.dtype != FP8 and self.quantize:
+            if whole:
+                return quantize_block(t.to(self.device), self.block)
+            # A shard that splits a block: quantize the full tensor, as a TP size with whole blocks would.
+            full_t = self._handle(name).get_tensor(name).to(self.device)
+            return _shard_fp8_or_dequant(quantize_block(full_t, self.block), shard, self.dtype)
+        if t.dtype == FP8:
+            t = self._dequant(name, t, full, shard, lo)
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def _scales(self, name: str) -> torch.Tensor:
         sname = name + "_scale_inv"
         if not self.has(sname):
             raise ConfigError(f"fp8 tensor {name!r} has no {sname!r} block scales")
+        return self._handle(sname).get_tensor(sname).float()
+
+    def _dequant(self, name: str, t: torch.Tensor, full: tuple[int, ...], shard: ShardSpec, lo: int | None) -> torch.Tensor:
         bo, bi = self.block
-        scales = self._handle(sname).get_tensor(sname).float()
+        scales = self._scales(name)
         out_off = lo if shard.dim == 0 else 0
         in_off = lo if shard.dim == 1 else 0
         rows = torch.arange(out_off, out_off + t.shape[0]) // bo
@@ -106,23 +156,32 @@ class SafetensorsReader:
 class DummyReader:
     """Random weights of the real shapes: norms 1, biases 0, matrices N(0, 1/fan_in)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    def __init__(self, dtype: torch.dtype, device: torch.device, seed: int = 0, quantize: bool = False,
+                 block: tuple[int, int] | None = None):
         self.dtype, self.device, self.seed = dtype, device, seed
+        self.quantize, self.block = quantize, tuple(block) if block else (128, 128)
 
     def has(self, name: str) -> bool:
         return True
 
+    def get_linear(self, name: str, shape: tuple[int, int], shard: ShardSpec = FULL) -> torch.Tensor | Fp8Weight:
+        if not self.quantize:
+            return self.get(name, shape, shard)
+        return _shard_fp8_or_dequant(quantize_block(self._full(name, shape), self.block), shard, self.dtype)
+
+    def _full(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            return torch.ones(shape, device=self.device)
+        if name.endswith("bias"):
+            return torch.zeros(shape, device=self.device)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        std = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
+        return torch.randn(shape, generator=g, device=self.device) * std
+
     def get(self, name: str, shape: tuple[int, ...], shard: ShardSpec = FULL,
             dtype: torch.dtype | None = None) -> torch.Tensor:
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            full = torch.ones(shape, device=self.device)
-        elif name.endswith("bias"):
-            full = torch.zeros(shape, device=self.device)
-        else:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-            std = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
-            full = torch.randn(shape, generator=g, device=self.device) * std
+        full = self._full(name, shape)
         if shard.dim is not None:
             lo, hi = shard.bounds(shape[shard.dim])
             full = full.narrow(shard.dim, lo, hi - lo)

@@ -10,6 +10,7 @@ from dcpserve.engine.forward_batch import ForwardBatch
 from dcpserve.loader.reader import Reader
 from dcpserve.model.layers import (
     DenseMLP,
+    Linear,
     ParallelLMHead,
     RMSNorm,
     VocabParallelEmbedding,
@@ -65,10 +66,11 @@ class DeepseekForCausalLM(nn.Module):
         return self.lm_head(x).float()
 
     def use_triton_kernels(self, rope: RotaryEmbedding) -> None:
-        """The Triton backend's fused kernels for the layers' norms, rope and MoE (graph-safe, fewer launches)."""
+        """The Triton backend's fused kernels for the layers' norms, rope, MoE and fp8 linears (graph-safe, fewer
+        launches)."""
         rope.fused = True
         for m in self.modules():
-            if isinstance(m, (RMSNorm, MoE)):
+            if isinstance(m, (RMSNorm, MoE, Linear)):
                 m.fused = True
 
     def load(self, r: Reader) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from dcpserve.distributed.comm import tp_all_gather_last, tp_all_reduce
 from dcpserve.distributed.parallel import ParallelState
+from dcpserve.loader.fp8 import Fp8Weight
 from dcpserve.loader.reader import FULL, Reader, ShardSpec
 
 
@@ -53,7 +54,11 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Module):
     """y = x W^T with W [out, in], holding shard `shard` of the full weight. `reduce` all-reduces the
-    output over TP (row-parallel); column-parallel layers need no communication."""
+    output over TP (row-parallel); column-parallel layers need no communication.
+
+    The weight may be kept in DeepSeek's block fp8 (`weight` e4m3 plus `weight_scale_inv`, loader/fp8.py) when
+    the reader returns it so; then the Triton backend multiplies with the e4m3 bytes directly
+    (kernels/fp8_linear.py) and the torch path dequantizes per call (the reference)."""
 
     def __init__(self, in_features: int, out_features: int, shard: ShardSpec = FULL, ps: ParallelState | None = None,
                  reduce: bool = False):
@@ -64,16 +69,34 @@ class Linear(nn.Module):
         if shard.dim is not None:
             shape[shard.dim] //= shard.parts
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.weight_scale_inv: torch.Tensor | None = None  # fp32 block scales when `weight` is e4m3
+        self.block = (128, 128)
+        self.fused = False  # set by the runner with the Triton backend
         self.ps, self.reduce = ps, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        if self.weight_scale_inv is None:
+            y = F.linear(x, self.weight)
+        elif self.fused:
+            from dcpserve.kernels.fp8_linear import fp8_linear
+
+            y = fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+        else:
+            from dcpserve.kernels.fp8_linear import fp8_linear_ref
+
+            y = fp8_linear_ref(x, self.weight, self.weight_scale_inv, self.block)
         if self.reduce:
             tp_all_reduce(self.ps, y)
         return y
 
-    def load(self, r: Reader, prefix: str) -> None:
-        self.weight.data = r.get(prefix + ".weight", self.full_shape, self.shard)
+    def load(self, r: Reader, prefix: str, fp8: bool = True) -> None:
+        """fp8=False: always the model dtype (a weight other code reads as a plain matrix)."""
+        w = r.get_linear(prefix + ".weight", self.full_shape, self.shard) if fp8 else \
+            r.get(prefix + ".weight", self.full_shape, self.shard)
+        if isinstance(w, Fp8Weight):
+            self.weight.data, self.weight_scale_inv, self.block = w.q, w.scale, w.block
+        else:
+            self.weight.data, self.weight_scale_inv = w, None
 
 
 def column_parallel(in_f: int, out_f: int, ps: ParallelState) -> Linear:

@@ -94,7 +94,10 @@ class MLA(nn.Module):
         names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
         names += ["q_a_proj", "q_a_layernorm", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
         for n in names:
-            getattr(self, n).load(rd, f"{prefix}.{n}")
+            if n == "kv_b_proj":  # read as W_UK / W_UV by the absorbed attention: always the model dtype
+                self.kv_b_proj.load(rd, f"{prefix}.{n}", fp8=False)
+            else:
+                getattr(self, n).load(rd, f"{prefix}.{n}")
         if self.indexer is not None:
             self.indexer.load(rd, prefix + ".indexer")
 

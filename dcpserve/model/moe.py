@@ -1,16 +1,17 @@
 """DeepSeek MoE: sigmoid scores, grouped top-k routing where `e_score_correction_bias` steers selection only,
 normalized top-k weights times `routed_scaling_factor`, shared experts. Experts are tensor-parallel (each
 rank holds a slice of every expert's intermediate dim); routed and shared outputs are summed before the
-single all-reduce."""
+single all-reduce. Expert weights stay DeepSeek block-fp8 (e4m3 + scales) when the reader keeps fp8."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcpserve.config import ModelConfig
+from dcpserve.config import ConfigError, ModelConfig
 from dcpserve.distributed.comm import tp_all_reduce
 from dcpserve.distributed.parallel import ParallelState
+from dcpserve.loader.fp8 import Fp8Weight, dequantize_block
 from dcpserve.loader.reader import Reader, ShardSpec
 from dcpserve.model.layers import DenseMLP
 
@@ -43,6 +44,7 @@ class MoE(nn.Module):
         self.bias = nn.Parameter(torch.zeros(e), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(e, 2 * self.inter, h), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, self.inter), requires_grad=False)
+        self.scales = None  # kernels.moe.MoEScales when w13/w2 are e4m3
         self.fused = False  # set by the runner when the Triton backend is on: one grouped GEMM, graph-safe
         self.shared = (
             DenseMLP(h, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, reduce=False)
@@ -55,7 +57,7 @@ class MoE(nn.Module):
         if self.fused:
             from dcpserve.kernels.moe import fused_moe
 
-            out = fused_moe(x, self.w13, self.w2, weights, ids)
+            out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
         else:
             out = self.experts(x, weights, ids)
         if self.shared is not None:
@@ -66,11 +68,35 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             tok, slot = torch.where(ids == e)
-            gate_up = F.linear(x[tok], self.w13[e])
+            w13, w2 = self._expert(e, x.dtype)
+            gate_up = F.linear(x[tok], w13)
             h = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-            y = F.linear(h, self.w2[e]) * weights[tok, slot, None]
+            y = F.linear(h, w2) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
+
+    def _expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's [2I, Hd] and [Hd, I] weights in `dtype` (dequantized per call when fp8: the reference)."""
+        if self.scales is None:
+            return self.w13[e], self.w2[e]
+        blk, nb = self.scales.block, -(-self.inter // self.scales.block[0])
+        s13 = self.scales.w13[e]
+        w13 = torch.cat([dequantize_block(self.w13[e, : self.inter], s13[:nb], blk, dtype),
+                         dequantize_block(self.w13[e, self.inter :], s13[nb:], blk, dtype)])
+        return w13, dequantize_block(self.w2[e], self.scales.w2[e], blk, dtype)
+
+    def _allocate(self, gate: Fp8Weight | None, down: Fp8Weight | None, r: Reader) -> None:
+        e = self.cfg.n_routed_experts
+        dtype = gate.q.dtype if gate is not None else r.dtype
+        self.w13.data = torch.empty(self.w13.shape, dtype=dtype, device=r.device)
+        self.w2.data = torch.empty(self.w2.shape, dtype=dtype, device=r.device)
+        self.scales = None
+        if gate is not None and down is not None:
+            from dcpserve.kernels.moe import MoEScales
+
+            s13, s2 = gate.scale.shape, down.scale.shape
+            self.scales = MoEScales(torch.empty(e, 2 * s13[0], s13[1], device=r.device),
+                                    torch.empty(e, *s2, device=r.device), gate.block)
 
     def load(self, r: Reader, prefix: str) -> None:
         cfg, h = self.cfg, self.cfg.hidden_size
@@ -80,13 +106,24 @@ class MoE(nn.Module):
             self.bias.data = r.get(f"{prefix}.gate.e_score_correction_bias", (e,), dtype=torch.float32)
         col = ShardSpec(0, self.ps.tp_rank, self.ps.tp_size)
         row = ShardSpec(1, self.ps.tp_rank, self.ps.tp_size)
-        w13 = torch.empty_like(self.w13.data, dtype=r.dtype, device=r.device)
-        w2 = torch.empty_like(self.w2.data, dtype=r.dtype, device=r.device)
+        specs = (("gate", (inter_full, h), col), ("up", (inter_full, h), col), ("down", (h, inter_full), row))
+        fp8 = None
         for i in range(e):
-            p = f"{prefix}.experts.{i}"
-            w13[i, : self.inter] = r.get(f"{p}.gate_proj.weight", (inter_full, h), col)
-            w13[i, self.inter :] = r.get(f"{p}.up_proj.weight", (inter_full, h), col)
-            w2[i] = r.get(f"{p}.down_proj.weight", (h, inter_full), row)
-        self.w13.data, self.w2.data = w13, w2
+            g, u, d = (r.get_linear(f"{prefix}.experts.{i}.{n}_proj.weight", shape, shard) for n, shape, shard in specs)
+            if fp8 is None:  # expert 0 decides the layer's storage; filled one expert at a time (peak memory)
+                fp8 = all(isinstance(w, Fp8Weight) for w in (g, u, d))
+                self._allocate(g if fp8 else None, d if fp8 else None, r)
+            if fp8:
+                if not all(isinstance(w, Fp8Weight) for w in (g, u, d)):
+                    raise ConfigError(f"{prefix}.experts.{i} is not fp8 like expert 0: mixed expert formats")
+                self.w13.data[i] = torch.cat([g.q, u.q])
+                self.w2.data[i] = d.q
+                self.scales.w13[i] = torch.cat([g.scale, u.scale])
+                self.scales.w2[i] = d.scale
+            else:  # e.g. a shard that splits a scale block: the model dtype
+                g, u, d = (w if isinstance(w, torch.Tensor) else dequantize_block(w.q, w.scale, w.block, r.dtype)
+                           for w in (g, u, d))
+                self.w13.data[i] = torch.cat([g, u])
+                self.w2.data[i] = d
         if self.shared is not None:
             self.shared.load(r, f"{prefix}.shared_experts")

@@ -13,7 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from dcpserve.kernels.moe import MoEConfig, fused_moe, fused_moe_ref, moe_align  # noqa: E402
+from dcpserve.kernels.moe import (  # noqa: E402
+    MoEConfig, MoEScales, dequant_experts, fused_moe, fused_moe_ref, moe_align)
+from dcpserve.loader.fp8 import quantize_block  # noqa: E402
 from dcpserve.model.moe import MoE, route  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +99,56 @@ def test_ref_equals_engine_moe_experts() -> None:
     w13, w2 = _weights(e, hd, inter, torch.float32, gen)
     x = torch.randn(t, hd, generator=gen)
     tw, ids = route(torch.randn(t, e, generator=gen), torch.randn(e, generator=gen) * 0.1, cfg)
-    engine = MoE.experts(SimpleNamespace(w13=w13.cpu(), w2=w2.cpu(), inter=inter), x, tw, ids)
+    engine = MoE.experts(_moe_like(w13.cpu(), w2.cpu(), inter, None), x, tw, ids)
     torch.testing.assert_close(fused_moe_ref(x, w13.cpu(), w2.cpu(), tw, ids), engine, rtol=1e-5, atol=1e-5)
     out = fused_moe(x.to(DEV), w13, w2, tw.to(DEV), ids.to(DEV), config=SMALL)
     _assert_close(out.cpu(), engine, torch.float32)
+
+
+def _moe_like(w13, w2, inter, scales):
+    """What MoE.experts reads of its module."""
+    ns = SimpleNamespace(w13=w13, w2=w2, inter=inter, scales=scales)
+    ns._expert = lambda e, dtype: MoE._expert(ns, e, dtype)
+    return ns
+
+
+def _fp8_experts(e: int, hd: int, inter: int, block: tuple[int, int], gen: torch.Generator):
+    """Per-expert gate, up and down quantized on their own (as in a DeepSeek checkpoint), stacked like MoE.load."""
+    mats = [[torch.randn(inter, hd, generator=gen) * torch.exp(torch.randn(inter, 1, generator=gen)) * hd ** -0.5,
+             torch.randn(inter, hd, generator=gen) * hd ** -0.5,
+             torch.randn(hd, inter, generator=gen) * inter ** -0.5] for _ in range(e)]
+    qs = [[quantize_block(m, block) for m in ms] for ms in mats]
+    w13 = torch.stack([torch.cat([g.q, u.q]) for g, u, _ in qs]).to(DEV)
+    w2 = torch.stack([d.q for _, _, d in qs]).to(DEV)
+    scales = MoEScales(torch.stack([torch.cat([g.scale, u.scale]) for g, u, _ in qs]).to(DEV),
+                       torch.stack([d.scale for _, _, d in qs]).to(DEV), block)
+    return w13, w2, scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,k,experts,inter", [(1, 2, [3, 5], 24), (7, 3, [0, 2, 4, 5, 7], 40), (40, 2, [1, 6], 64)])
+def test_fused_moe_fp8_weights(dtype, t, k, experts, inter):
+    """e4m3 experts with block scales (hidden 80 and inter 24/40: ragged against the 32-wide blocks; gate and up
+    blocks apart) against the reference on the dequantized weights, and against MoE.experts' own fp8 path."""
+    gen = torch.Generator().manual_seed(t + inter)
+    hd, e = 80, 8
+    w13, w2, scales = _fp8_experts(e, hd, inter, (32, 32), gen)
+    x = torch.randn(t, hd, generator=gen).to(dtype).to(DEV)
+    tw, ids = _routing(t, k, experts, gen)
+    out = fused_moe(x, w13, w2, tw, ids, config=SMALL, scales=scales)
+    d13, d2 = dequant_experts(w13, w2, scales, dtype)
+    _assert_close(out, fused_moe_ref(x, d13, d2, tw, ids), dtype)
+    engine = MoE.experts(_moe_like(w13, w2, inter, scales), x, tw, ids)
+    _assert_close(out, engine, dtype)
+
+
+def test_fused_moe_fp8_needs_scales():
+    gen = torch.Generator().manual_seed(9)
+    w13, w2, scales = _fp8_experts(4, 64, 32, (32, 32), gen)
+    x = torch.randn(2, 64, generator=gen).to(DEV)
+    tw, ids = _routing(2, 2, [0, 1], gen)
+    with pytest.raises(ValueError, match="scales"):
+        fused_moe(x, w13, w2, tw, ids, config=SMALL)
+    bad = MoEScales(scales.w13[:, :1], scales.w2, scales.block)
+    with pytest.raises(ValueError, match="scales"):
+        fused_moe(x, w13, w2, tw, ids, config=SMALL, scales=bad)
