@@ -231,9 +231,10 @@ class EngineArgs:
     num_layers: int | None = field(default=None, metadata={"help": "override layer count (benchmarks)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     quantization: str = field(default="auto", metadata={
-        "help": "layer weights: auto (as the checkpoint's config.json says: DeepSeek's block-fp8 checkpoints, "
-                "and dummy weights of such a config, stay fp8), fp8 (block-quantize full-precision weights at "
-                "load) or none (dequantize fp8 checkpoints to --dtype at load)",
+        "help": "layer weights: auto (the checkpoint's own format: DeepSeek's block-fp8 checkpoints stay fp8; "
+                "dummy weights full precision), fp8 (block-quantize full-precision or dummy weights at load) or "
+                "none (dequantize fp8 checkpoints to --dtype: faster GEMMs at decode batches above ~16 and in "
+                "prefill, twice the weight memory; see docs/PERF.md)",
         "choices": QUANTIZATIONS})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     attention_backend: str = field(default="auto", metadata={

@@ -3,7 +3,8 @@
 # PARTs: hf (tiny transformers-equivalence tests on GPU, torch and Triton backends), check (greedy tokens on the
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
 # device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager, PROFILE_PHASE=prefill for prefill steps), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
-# one GPU), p2p (the peer-to-peer DCP collectives' GPU tests), p2pbatch (p2p vs NCCL a2a decode step by batch). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
+# one GPU; HFCMP_FP8=1 on a DeepSeek block-fp8 checkpoint), p2p (the peer-to-peer DCP collectives' GPU tests), p2pbatch (p2p vs NCCL
+# a2a decode step by batch), fp8 (the fp8-weight kernels' GPU tests and their decode-batch table; one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
@@ -24,7 +25,7 @@ for part in "$@"; do
         2>&1 | tail -9 | tee -a "$LOG" ;;
   check32)  # fp32 weights and activations: no bf16 near-ties, so greedy tokens must agree everywhere
     timeout ${CHECK_TIMEOUT:-170} python -m dcpserve.bench.engine $BENCH --dtype float32 --num-layers 4 --dcp 1,2,4 --batch 2 \
-        --input-len 2100 --output-len 12 --logits --out "$OUT/check32.json" \
+        --input-len 2100 --output-len 12 --logits --out "$OUT/check32.json" ${CHECK_QUANT:+--quantization $CHECK_QUANT} \
         --compare "torch-dcp4-eager:dcp=4,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager-repl-ag_rs:dcp=4,disable_cuda_graph=true,dcp_indexer=replicated,dcp_comm=ag_rs;triton-dcp4-a2a:dcp=4,dcp_comm=a2a;triton-dcp2-eager:dcp=2,disable_cuda_graph=true" \
         2>&1 | tail -11 | tee -a "$LOG" ;;
   p2p)  # the peer-to-peer DCP collectives: kernels on one GPU, then 2 and 4 ranks against NCCL
@@ -54,7 +55,11 @@ for part in "$@"; do
           --compare "a2a:dcp=${TP:-4},dcp_comm=a2a" 2>&1 | tail -3 | tee -a "$LOG"
     done ;;
   hfcmp)
-    timeout 200 python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out "$OUT/hf.json" \
-        2>&1 | tail -6 | tee -a "$LOG" ;;
+    timeout 230 python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out "$OUT/hf.json" \
+        ${HFCMP_FP8:+--fp8} 2>&1 | tail -7 | tee -a "$LOG" ;;
+  fp8)
+    timeout 200 python -m pytest -x -q -p no:cacheprovider tests/kernels/test_fp8_linear.py tests/kernels/test_moe.py \
+        2>&1 | tail -2 | tee -a "$LOG"
+    timeout 120 python -m dcpserve.bench.kernels_fp8 --quick --out "$OUT/fp8_quick.json" 2>&1 | tail -24 | tee -a "$LOG" ;;
   esac
 done

@@ -57,7 +57,7 @@ def _load_values(model, sd: dict[str, torch.Tensor], tmp: str):
     save_file(ref, f)
     del model
     torch.cuda.empty_cache()
-    out = DeepseekV32ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map="cuda").eval()
+    out = DeepseekV32ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to("cuda").eval()
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 

@@ -11,7 +11,7 @@ Sections (JSON rewritten after each, so a run cut short still reports what it me
             the 132 B rows, TFLOP/s; a small tile sweep.
   topk      packed_topk vs ordered_topk (two stable sorts), k = 2048: identical output, time of both.
   moe       hidden 7168, I = 2048/tp for tp in {1, 4}, E 256, k 8, T in {1, 32, 128, 1024}, bf16: error
-            vs the fp32 reference and vs the engine's per-expert loop (MoE.experts), time of both,
+            vs the fp32 reference and vs the engine's per-expert loop (experts_loop), time of both,
             TFLOP/s, GB/s of the expert weights touched; CUDA-graph replay time for small T.
 Ends with a short table.
 """
@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -42,7 +41,7 @@ from dcpserve.kernels.kv_write import (  # noqa: E402
 )
 from dcpserve.kernels.moe import MoEConfig, default_config, fused_moe, fused_moe_ref  # noqa: E402
 from dcpserve.kv.formats import IndexKeyFormat, LatentFormat  # noqa: E402
-from dcpserve.model.moe import MoE  # noqa: E402
+from dcpserve.model.moe import experts_loop  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -220,7 +219,6 @@ def bench_moe(tps: list[int], ts: list[int], hidden: int, inter_full: int, exper
         w13 = (torch.randn(experts, 2 * inter, hidden, device=DEV, generator=gen, dtype=torch.bfloat16)
                * hidden ** -0.5)
         w2 = torch.randn(experts, hidden, inter, device=DEV, generator=gen, dtype=torch.bfloat16) * inter ** -0.5
-        engine = SimpleNamespace(w13=w13, w2=w2, inter=inter)
         for t in ts:
             if budget.left() < 20:
                 log(f"  moe tp={tp} T={t}: skipped (time budget)")
@@ -231,12 +229,12 @@ def bench_moe(tps: list[int], ts: list[int], hidden: int, inter_full: int, exper
             wts = wts / wts.sum(-1, keepdim=True) * 2.5
             out = fused_moe(x, w13, w2, wts, ids)
             ref = fused_moe_ref(x, w13, w2, wts, ids).float()
-            naive_out = MoE.experts(engine, x, wts, ids)
+            naive_out = experts_loop(x, w13, w2, wts, ids)
             scale = ref.abs().max().item()
             err = (out.float() - ref).abs().max().item() / scale
             err_naive = (naive_out.float() - ref).abs().max().item() / scale
             ms = bench_ms(lambda: fused_moe(x, w13, w2, wts, ids))
-            ms_naive = bench_ms(lambda: MoE.experts(engine, x, wts, ids))
+            ms_naive = bench_ms(lambda: experts_loop(x, w13, w2, wts, ids))
             n_exp = int(torch.unique(ids).numel())
             wbytes = n_exp * 3 * inter * hidden * 2
             flops = 2 * t * topk * 3 * inter * hidden
@@ -258,7 +256,7 @@ def bench_moe(tps: list[int], ts: list[int], hidden: int, inter_full: int, exper
                 f"{ms_naive / ms:5.1f}x) {r['tflops']:6.1f} TFLOP/s {r['weight_gbps']:7.1f} GB/s "
                 f"err {err:.1e} (naive {err_naive:.1e})")
             del x, out, ref, naive_out
-        del w13, w2, engine
+        del w13, w2
         if CUDA:
             torch.cuda.empty_cache()
 

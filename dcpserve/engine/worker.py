@@ -95,11 +95,11 @@ def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtyp
 
 
 def make_reader(args: EngineArgs, cfg: ModelConfig, dtype: torch.dtype, dev: torch.device) -> Reader:
-    """--quantization auto keeps what the checkpoint's config.json says (fp8 for DeepSeek's own checkpoints);
-    dummy weights of an fp8 config are drawn in full precision and block-quantized, like a real checkpoint."""
-    fp8_config = cfg.quant_block is not None
+    """--quantization auto keeps a checkpoint's own format (fp8 for DeepSeek's checkpoints, which do not fit
+    one 8-GPU server in bf16) and leaves dummy weights in full precision; fp8 block-quantizes full-precision
+    (and dummy) weights at load, like a real checkpoint; none dequantizes fp8 checkpoints."""
     keep = args.quantization != "none"
-    quantize = args.quantization == "fp8" or (args.quantization == "auto" and args.load_format == "dummy" and fp8_config)
+    quantize = args.quantization == "fp8"
     if args.load_format == "dummy":
         return DummyReader(dtype, dev, args.seed, quantize=quantize, block=cfg.quant_block)
     return SafetensorsReader(args.model_path, dtype, dev, cfg.quant_block, keep_fp8=keep, quantize=quantize)

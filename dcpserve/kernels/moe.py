@@ -1,4 +1,4 @@
-"""Routed-expert MoE as grouped Triton GEMMs (the semantics of `dcpserve.model.moe.MoE.experts`).
+"""Routed-expert MoE as grouped Triton GEMMs (the semantics of `dcpserve.model.moe.experts_loop`).
 
 fused_moe(x, w13, w2, topk_weights, topk_ids, config=None) -> [T, Hd] in x.dtype
   x:            bf16/fp32 [T, Hd]
@@ -289,7 +289,7 @@ def dequant_experts(w13: torch.Tensor, w2: torch.Tensor, scales: MoEScales,
 # ------------------------------------------------------------------------------------- torch reference
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
-    """Per-expert loop like MoE.experts, but every product and sum in fp32 (a tighter reference)."""
+    """Per-expert loop like model/moe.py: experts_loop, but every product and sum in fp32 (a tighter reference)."""
     inter = w13.shape[1] // 2
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(topk_ids).tolist():

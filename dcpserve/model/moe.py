@@ -34,6 +34,36 @@ def route(logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> tuple[t
     return weights * cfg.routed_scaling_factor, ids
 
 
+def expert_weights(w13: torch.Tensor, w2: torch.Tensor, scales, e: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's [2I, Hd] and [Hd, I] weights in `dtype`; fp8 experts (`scales`: kernels.moe.MoEScales) are
+    dequantized per call, gate and up each with their own blocks."""
+    if scales is None:
+        return w13[e], w2[e]
+    inter = w13.shape[1] // 2
+    blk, nb = scales.block, -(-inter // scales.block[0])
+    s13 = scales.w13[e]
+    gate_up = torch.cat([dequantize_block(w13[e, :inter], s13[:nb], blk, dtype),
+                         dequantize_block(w13[e, inter:], s13[nb:], blk, dtype)])
+    return gate_up, dequantize_block(w2[e], scales.w2[e], blk, dtype)
+
+
+def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 scales=None) -> torch.Tensor:
+    """The routed experts one at a time in plain torch (the torch backend's path, and what kernels/moe.py
+    computes): out[t] = sum_j weights[t, j] * w2[e] @ (silu(g) * u), [g; u] = w13[e] @ x[t], e = ids[t, j]."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.where(ids == e)
+        gu_w, down_w = expert_weights(w13, w2, scales, e, x.dtype)
+        gate_up = F.linear(x[tok], gu_w)
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = F.linear(h, down_w) * weights[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
@@ -65,25 +95,7 @@ class MoE(nn.Module):
         return tp_all_reduce(self.ps, out)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():
-            tok, slot = torch.where(ids == e)
-            w13, w2 = self._expert(e, x.dtype)
-            gate_up = F.linear(x[tok], w13)
-            h = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-            y = F.linear(h, w2) * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
-
-    def _expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's [2I, Hd] and [Hd, I] weights in `dtype` (dequantized per call when fp8: the reference)."""
-        if self.scales is None:
-            return self.w13[e], self.w2[e]
-        blk, nb = self.scales.block, -(-self.inter // self.scales.block[0])
-        s13 = self.scales.w13[e]
-        w13 = torch.cat([dequantize_block(self.w13[e, : self.inter], s13[:nb], blk, dtype),
-                         dequantize_block(self.w13[e, self.inter :], s13[nb:], blk, dtype)])
-        return w13, dequantize_block(self.w2[e], self.scales.w2[e], blk, dtype)
+        return experts_loop(x, self.w13, self.w2, weights, ids, self.scales)
 
     def _allocate(self, gate: Fp8Weight | None, down: Fp8Weight | None, r: Reader) -> None:
         e = self.cfg.n_routed_experts

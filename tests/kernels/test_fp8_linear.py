@@ -66,6 +66,21 @@ def test_fp8_linear_split_k(split):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_fp8_gemv_several_blocks_per_step(dtype, split):
+    """The one-row kernel reads two scale blocks per step (BLOCK_K 64, blocks of 32); K = 300 ends inside a
+    step and inside a block; N = 37 is ragged against BLOCK_N; split-K on top."""
+    gen = torch.Generator().manual_seed(split)
+    q, s = _weight(37, 300, (32, 32), gen)
+    x = torch.randn(1, 300, generator=gen).to(dtype).to(DEV)
+    cfg = Fp8GemmConfig(block_m=1, block_n=16, block_k=64, split_k=split, num_warps=4 if GPU else 1,
+                        num_stages=2 if GPU else 1)
+    _assert_close(fp8_linear(x, q, s, (32, 32), cfg), fp8_linear_ref(x, q, s, (32, 32)), dtype)
+    with pytest.raises(ValueError, match="one input row"):
+        fp8_linear(torch.randn(2, 300, device=DEV), q, s, (32, 32), cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequant_kernel_equals_reference(dtype):
     gen = torch.Generator().manual_seed(5)
     block = (16, 32)
@@ -103,7 +118,7 @@ def test_quantize_roundtrip_and_aligned_shards():
 
 
 @pytest.mark.skipif(not GPU, reason="real DeepSeek-V3.2 shapes: GPU only")
-@pytest.mark.parametrize("m", [1, 4, 32, 300])
+@pytest.mark.parametrize("m", [1, 2, 4, 32, 300])
 @pytest.mark.parametrize("n,k", [(1536, 7168), (24576, 1536), (7168, 16384), (576, 7168), (128, 7168)])
 def test_fp8_linear_real_shapes(m, n, k):
     """q_a, q_b, o_proj (TP1), kv_a, indexer wk; m = 300 takes the dequantize + cuBLAS path."""

@@ -1,4 +1,4 @@
-"""Grouped-GEMM MoE kernel (dcpserve/kernels/moe.py) against its torch reference and MoE.experts.
+"""Grouped-GEMM MoE kernel (dcpserve/kernels/moe.py) against its torch reference and the engine's experts_loop.
 
 On CPU the kernels run in Triton's interpreter on tiny shapes; on a GPU machine they run on CUDA."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from dcpserve.kernels.moe import (  # noqa: E402
     MoEConfig, MoEScales, dequant_experts, fused_moe, fused_moe_ref, moe_align)
 from dcpserve.loader.fp8 import quantize_block  # noqa: E402
-from dcpserve.model.moe import MoE, route  # noqa: E402
+from dcpserve.model.moe import experts_loop, route  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = MoEConfig(block_m=16, block_n1=16, block_n2=32, block_k=32, num_warps=4, num_stages=2)
@@ -91,7 +91,7 @@ def test_moe_align_layout() -> None:
 
 
 def test_ref_equals_engine_moe_experts() -> None:
-    """fused_moe_ref mirrors MoE.experts; routing from the engine's own `route`."""
+    """fused_moe_ref mirrors the engine's experts_loop; routing from the engine's own `route`."""
     gen = torch.Generator().manual_seed(2)
     t, hd, inter, e = 9, 32, 16, 8
     cfg = SimpleNamespace(n_group=4, topk_group=2, num_experts_per_tok=3, norm_topk_prob=True,
@@ -99,17 +99,10 @@ def test_ref_equals_engine_moe_experts() -> None:
     w13, w2 = _weights(e, hd, inter, torch.float32, gen)
     x = torch.randn(t, hd, generator=gen)
     tw, ids = route(torch.randn(t, e, generator=gen), torch.randn(e, generator=gen) * 0.1, cfg)
-    engine = MoE.experts(_moe_like(w13.cpu(), w2.cpu(), inter, None), x, tw, ids)
+    engine = experts_loop(x, w13.cpu(), w2.cpu(), tw, ids)
     torch.testing.assert_close(fused_moe_ref(x, w13.cpu(), w2.cpu(), tw, ids), engine, rtol=1e-5, atol=1e-5)
     out = fused_moe(x.to(DEV), w13, w2, tw.to(DEV), ids.to(DEV), config=SMALL)
     _assert_close(out.cpu(), engine, torch.float32)
-
-
-def _moe_like(w13, w2, inter, scales):
-    """What MoE.experts reads of its module."""
-    ns = SimpleNamespace(w13=w13, w2=w2, inter=inter, scales=scales)
-    ns._expert = lambda e, dtype: MoE._expert(ns, e, dtype)
-    return ns
 
 
 def _fp8_experts(e: int, hd: int, inter: int, block: tuple[int, int], gen: torch.Generator):
@@ -129,7 +122,7 @@ def _fp8_experts(e: int, hd: int, inter: int, block: tuple[int, int], gen: torch
 @pytest.mark.parametrize("t,k,experts,inter", [(1, 2, [3, 5], 24), (7, 3, [0, 2, 4, 5, 7], 40), (40, 2, [1, 6], 64)])
 def test_fused_moe_fp8_weights(dtype, t, k, experts, inter):
     """e4m3 experts with block scales (hidden 80 and inter 24/40: ragged against the 32-wide blocks; gate and up
-    blocks apart) against the reference on the dequantized weights, and against MoE.experts' own fp8 path."""
+    blocks apart) against the reference on the dequantized weights, and against the engine's own fp8 loop."""
     gen = torch.Generator().manual_seed(t + inter)
     hd, e = 80, 8
     w13, w2, scales = _fp8_experts(e, hd, inter, (32, 32), gen)
@@ -138,7 +131,7 @@ def test_fused_moe_fp8_weights(dtype, t, k, experts, inter):
     out = fused_moe(x, w13, w2, tw, ids, config=SMALL, scales=scales)
     d13, d2 = dequant_experts(w13, w2, scales, dtype)
     _assert_close(out, fused_moe_ref(x, d13, d2, tw, ids), dtype)
-    engine = MoE.experts(_moe_like(w13, w2, inter, scales), x, tw, ids)
+    engine = experts_loop(x, w13, w2, tw, ids, scales)
     _assert_close(out, engine, dtype)
 
 
