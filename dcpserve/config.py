@@ -233,7 +233,7 @@ class EngineArgs:
     quantization: str = field(default="auto", metadata={
         "help": "layer weights: auto (the checkpoint's own format: DeepSeek's block-fp8 checkpoints stay fp8; "
                 "dummy weights full precision), fp8 (block-quantize full-precision or dummy weights at load) or "
-                "none (dequantize fp8 checkpoints to --dtype: faster GEMMs at decode batches above ~16 and in "
+                "none (dequantize fp8 checkpoints to --dtype: faster GEMMs at decode batches above ~32-64 and in "
                 "prefill, twice the weight memory; see docs/PERF.md)",
         "choices": QUANTIZATIONS})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})

@@ -106,7 +106,7 @@ class SafetensorsReader:
         if full != tuple(shape):
             raise ConfigError(f"tensor {name!r} has shape {list(full)} in the checkpoint, but config.json implies {list(shape)}")
         idx = [slice(None)] * len(full)
-        lo, hi = 0, (full[shard.dim] if shard.dim is not None else 0)
+        lo = hi = 0
         if shard.dim is not None:
             lo, hi = shard.bounds(full[shard.dim])
             idx[shard.dim] = slice(lo, hi)
