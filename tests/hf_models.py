@@ -61,12 +61,12 @@ def build_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def to_fp8_checkpoint(model, path: str) -> None:
+def to_fp8_checkpoint(model, path: str, block: tuple[int, int] = (128, 128)) -> None:
     """Rewrite a saved checkpoint with fp8 block-quantized linear weights, and load the dequantized weights back
     into `model` so that it is the exact reference of the fp8 checkpoint."""
     from safetensors.torch import load_file, save_file
 
-    sd = write_fp8_checkpoint(path)
+    sd = write_fp8_checkpoint(path, block)
     # Reference = the dequantized weights, loaded by HF's own name mapping.
     from transformers import AutoModelForCausalLM
 
@@ -96,13 +96,14 @@ def hf_greedy(model, prompts=PROMPTS, new_tokens: int = NEW_TOKENS) -> tuple[lis
 
 
 def make_reference(kind: str, root: str) -> Reference:
-    """kind: 'v32', 'v3' or 'v32-fp8'."""
+    """kind: 'v32', 'v3', 'v32-fp8' (128x128 blocks: one block per tiny matrix) or 'v32-fp8b16' (16x16 blocks, so
+    that tp=2 shards cover whole blocks and stay fp8)."""
     base = kind.split("-")[0]
     model = build_model(base)
     path = os.path.join(root, kind)
     model.save_pretrained(path)
-    if kind.endswith("fp8"):
-        model = to_fp8_checkpoint(model, path)
+    if "fp8" in kind:
+        model = to_fp8_checkpoint(model, path, (16, 16) if kind.endswith("b16") else (128, 128))
     with torch.no_grad():
         outs, logits, margin = hf_greedy(model)
     return Reference(path, outs, logits, margin)

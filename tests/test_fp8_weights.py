@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from dcpserve.config import ConfigError, EngineArgs, ModelConfig
+from dcpserve.distributed.parallel import ParallelState
 from dcpserve.engine.worker import make_reader
 from dcpserve.loader.fp8 import Fp8Weight, dequantize_block, quantize_block
 from dcpserve.loader.reader import DummyReader, SafetensorsReader, ShardSpec
+from dcpserve.model.deepseek import DeepseekForCausalLM
+from tests.hf_models import PROMPTS, make_reference
 from tests.test_engine import generate
-from tests.hf_models import PROMPTS
 
 CPU = torch.device("cpu")
 
@@ -103,3 +105,26 @@ def test_fp8_weights_same_tokens_at_every_dcp_size(hf_refs):
     assert base == [o[:24] for o in ref.outputs]
     assert generate(ref.path, PROMPTS, tp=2, dcp=2, dcp_comm="a2a") == base
     assert generate(ref.path, PROMPTS, tp=1, dcp=1, quantization="none") == base
+
+
+@pytest.fixture(scope="module")
+def ref_b16(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return make_reference("v32-fp8b16", str(tmp_path_factory.mktemp("hf-b16")))
+
+
+def test_tp_shards_of_whole_blocks_stay_fp8_and_match_transformers(ref_b16):
+    """With 16x16 blocks the tiny model's tp=2 shards (row- and column-parallel, dense MLP and experts) cover
+    whole blocks: each rank keeps e4m3 shards with the matching slice of the scales, as real DeepSeek
+    checkpoints do at tp <= 8. Greedy tokens at tp=1 and at tp=2 with DCP2 equal transformers' on the
+    dequantized model."""
+    cfg = ModelConfig.from_pretrained(ref_b16.path)
+    model = DeepseekForCausalLM(cfg, ParallelState(rank=1, tp_size=2, dcp_size=2, device=CPU))
+    model.load(make_reader(EngineArgs(model_path=ref_b16.path), cfg, torch.float32, CPU))
+    fp8 = {n for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    for part in ("self_attn.q_b_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj", "mlp.w13", "mlp.w2",
+                 "mlp.shared.down_proj"):
+        assert any(part in n for n in fp8), (part, sorted(fp8))
+    want = [o[:24] for o in ref_b16.outputs]
+    assert generate(ref_b16.path, PROMPTS, tp=1, dcp=1) == want
+    assert generate(ref_b16.path, PROMPTS, tp=2, dcp=2, dcp_comm="a2a") == want
