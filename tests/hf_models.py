@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dcpserve.bench.hf_compare import hf_model_with_values
 from dcpserve.loader.fp8 import to_fp8_checkpoint as write_fp8_checkpoint
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
@@ -61,21 +62,11 @@ def build_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def to_fp8_checkpoint(model, path: str, block: tuple[int, int] = (128, 128)) -> None:
-    """Rewrite a saved checkpoint with fp8 block-quantized linear weights, and load the dequantized weights back
-    into `model` so that it is the exact reference of the fp8 checkpoint."""
-    from safetensors.torch import load_file, save_file
-
+def to_fp8_checkpoint(model, path: str, block: tuple[int, int] = (128, 128)):
+    """Rewrite a saved checkpoint with fp8 block-quantized linear weights, and return `model` with the dequantized
+    weights: the exact reference of the fp8 checkpoint."""
     sd = write_fp8_checkpoint(path, block)
-    # Reference = the dequantized weights, loaded by HF's own name mapping.
-    from transformers import AutoModelForCausalLM
-
-    deq_dir = path + "-dequant-ref"
-    model.save_pretrained(deq_dir)
-    ref_sd = load_file(os.path.join(deq_dir, "model.safetensors"))
-    ref_sd.update({k: v for k, v in sd.items() if k in ref_sd})
-    save_file(ref_sd, os.path.join(deq_dir, "model.safetensors"))
-    return AutoModelForCausalLM.from_pretrained(deq_dir, dtype=torch.float32).eval()
+    return hf_model_with_values(model, sd, path + "-dequant-ref", torch.float32, "cpu")
 
 
 def hf_greedy(model, prompts=PROMPTS, new_tokens: int = NEW_TOKENS) -> tuple[list[list[int]], list[torch.Tensor], float]:

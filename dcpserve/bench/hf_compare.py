@@ -39,25 +39,25 @@ def build_hf(num_layers: int, path: str, fp8: bool):
     if fp8:
         from dcpserve.loader.fp8 import to_fp8_checkpoint
 
-        model = _load_values(model, to_fp8_checkpoint(path), path + "-dequant-ref")
+        model = hf_model_with_values(model, to_fp8_checkpoint(path), path + "-dequant-ref", torch.bfloat16, "cuda")
     return model
 
 
-def _load_values(model, sd: dict[str, torch.Tensor], tmp: str):
-    """The model with its weights replaced by `sd` (checkpoint names), through transformers' own loading."""
+def hf_model_with_values(model, sd: dict[str, torch.Tensor], tmp: str, dtype: torch.dtype, device: str):
+    """A transformers model equal to `model` but with the tensors named in `sd` (checkpoint names, e.g. the
+    dequantized values of an fp8 checkpoint) in place of its own, loaded through transformers' own name
+    mapping; `tmp` is a scratch directory, removed afterwards."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-    from transformers import DeepseekV32ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model.save_pretrained(tmp)
     f = os.path.join(tmp, "model.safetensors")
     ref = load_file(f)
     ref.update({k: v.to(ref[k].dtype) for k, v in sd.items() if k in ref})
     save_file(ref, f)
-    del model
-    torch.cuda.empty_cache()
-    out = DeepseekV32ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to("cuda").eval()
+    out = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 

@@ -273,19 +273,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return y.view(t, topk, hd).sum(1).to(x.dtype)
 
 
-def dequant_experts(w13: torch.Tensor, w2: torch.Tensor, scales: MoEScales,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense [E, 2I, Hd] and [E, Hd, I] weights of fp8 experts (gate and up dequantized with their own blocks)."""
-    from dcpserve.loader.fp8 import dequantize_block
-
-    inter, nb_i = w13.shape[1] // 2, triton.cdiv(w13.shape[1] // 2, scales.block[0])
-    d13 = torch.stack([torch.cat([dequantize_block(w13[i, :inter], scales.w13[i, :nb_i], scales.block, dtype),
-                                  dequantize_block(w13[i, inter:], scales.w13[i, nb_i:], scales.block, dtype)])
-                       for i in range(w13.shape[0])])
-    d2 = torch.stack([dequantize_block(w2[i], scales.w2[i], scales.block, dtype) for i in range(w2.shape[0])])
-    return d13, d2
-
-
 # ------------------------------------------------------------------------------------- torch reference
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

@@ -43,15 +43,20 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> Fp8W
     return Fp8Weight(q.contiguous(), scale.float(), tuple(block))
 
 
-def expand_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """The per-element scale grid [out, in] of a block scale tensor."""
-    return scale.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
+def expand_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int],
+                 offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The per-element scales [out, in] of the `shape` elements starting at `offset` of the matrix that the
+    block scale grid `scale` covers."""
+    rows = torch.arange(offset[0], offset[0] + shape[0], device=scale.device) // block[0]
+    cols = torch.arange(offset[1], offset[1] + shape[1], device=scale.device) // block[1]
+    return scale[rows][:, cols]
 
 
 def dequantize_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q * scale in fp32, then rounded once to `dtype` (how the loader always dequantized)."""
-    return (q.float() * expand_scale(scale.float(), tuple(q.shape), block)).to(dtype)
+                     dtype: torch.dtype = torch.float32, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """q * scale in fp32, then rounded once to `dtype`. q may be a slice of the full matrix starting at
+    `offset` (scale is then the full matrix's grid): a shard that splits a block."""
+    return (q.float() * expand_scale(scale.float(), tuple(q.shape), block, offset)).to(dtype)
 
 
 def aligned(dim_size: int, block: int, lo: int, hi: int) -> bool:

@@ -57,7 +57,8 @@ def _shard_fp8_or_dequant(w: Fp8Weight, shard: ShardSpec, dtype: torch.dtype) ->
     part = shard_fp8(w, shard.dim, lo, hi)
     if part is not None:
         return part
-    return dequantize_block(w.q, w.scale, w.block, dtype).narrow(shard.dim, lo, hi - lo).contiguous()
+    offset = (lo, 0) if shard.dim == 0 else (0, lo)
+    return dequantize_block(w.q.narrow(shard.dim, lo, hi - lo), w.scale, w.block, dtype, offset)
 
 
 class SafetensorsReader:
@@ -114,9 +115,9 @@ class SafetensorsReader:
 
     def get(self, name: str, shape: tuple[int, ...], shard: ShardSpec = FULL,
             dtype: torch.dtype | None = None) -> torch.Tensor:
-        t, full, lo, _ = self._read(name, shape, shard)
+        t, _, lo, _ = self._read(name, shape, shard)
         if t.dtype == FP8:
-            t = self._dequant(name, t, full, shard, lo)
+            t = self._dequant(name, t, shard, lo)
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
     def get_linear(self, name: str, shape: tuple[int, int], shard: ShardSpec = FULL) -> torch.Tensor | Fp8Weight:
@@ -134,7 +135,7 @@ class SafetensorsReader:
             full_t = self._handle(name).get_tensor(name).to(self.device)
             return _shard_fp8_or_dequant(quantize_block(full_t, self.block), shard, self.dtype)
         if t.dtype == FP8:
-            t = self._dequant(name, t, full, shard, lo)
+            t = self._dequant(name, t, shard, lo)
         return t.to(device=self.device, dtype=self.dtype)
 
     def _scales(self, name: str) -> torch.Tensor:
@@ -143,14 +144,9 @@ class SafetensorsReader:
             raise ConfigError(f"fp8 tensor {name!r} has no {sname!r} block scales")
         return self._handle(sname).get_tensor(sname).float()
 
-    def _dequant(self, name: str, t: torch.Tensor, full: tuple[int, ...], shard: ShardSpec, lo: int | None) -> torch.Tensor:
-        bo, bi = self.block
-        scales = self._scales(name)
-        out_off = lo if shard.dim == 0 else 0
-        in_off = lo if shard.dim == 1 else 0
-        rows = torch.arange(out_off, out_off + t.shape[0]) // bo
-        cols = torch.arange(in_off, in_off + t.shape[1]) // bi
-        return t.float() * scales[rows][:, cols]
+    def _dequant(self, name: str, t: torch.Tensor, shard: ShardSpec, lo: int) -> torch.Tensor:
+        offset = (lo if shard.dim == 0 else 0, lo if shard.dim == 1 else 0)
+        return dequantize_block(t, self._scales(name), self.block, torch.float32, offset)
 
 
 class DummyReader:

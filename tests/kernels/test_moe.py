@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dcpserve.kernels.moe import (  # noqa: E402
-    MoEConfig, MoEScales, dequant_experts, fused_moe, fused_moe_ref, moe_align)
+    MoEConfig, MoEScales, fused_moe, fused_moe_ref, moe_align)
 from dcpserve.loader.fp8 import quantize_block  # noqa: E402
-from dcpserve.model.moe import experts_loop, route  # noqa: E402
+from dcpserve.model.moe import expert_weights, experts_loop, route  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = MoEConfig(block_m=16, block_n1=16, block_n2=32, block_k=32, num_warps=4, num_stages=2)
@@ -129,7 +129,7 @@ def test_fused_moe_fp8_weights(dtype, t, k, experts, inter):
     x = torch.randn(t, hd, generator=gen).to(dtype).to(DEV)
     tw, ids = _routing(t, k, experts, gen)
     out = fused_moe(x, w13, w2, tw, ids, config=SMALL, scales=scales)
-    d13, d2 = dequant_experts(w13, w2, scales, dtype)
+    d13, d2 = (torch.stack(ws) for ws in zip(*(expert_weights(w13, w2, scales, i, dtype) for i in range(e))))
     _assert_close(out, fused_moe_ref(x, d13, d2, tw, ids), dtype)
     engine = experts_loop(x, w13, w2, tw, ids, scales)
     _assert_close(out, engine, dtype)
