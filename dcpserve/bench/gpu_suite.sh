@@ -4,7 +4,8 @@
 # benchmark model across DCP sizes, backends, eager/graphs, with logit gaps at any mismatch), profile (per-kernel
 # device time of a decode step, DCP1 vs DCP4, CUDA graphs; PROFILE_EAGER=1 for eager, PROFILE_PHASE=prefill for prefill steps), perf (end-to-end table), acc (demo-model accuracy table), hfcmp (transformers vs dcpserve,
 # one GPU; HFCMP_FP8=1 on a DeepSeek block-fp8 checkpoint), p2p (the peer-to-peer DCP collectives' GPU tests), p2pbatch (p2p vs NCCL
-# a2a decode step by batch), fp8 (the fp8-weight kernels' GPU tests and their decode-batch table; one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
+# a2a decode step by batch), fp8 (the fp8-weight kernels' GPU tests and their decode-batch table; one GPU), prefill (the
+# prefill attention kernel's GPU tests and its tile table at the engine's chunk shapes; one GPU). TP=2 PROFILE_DCP="1 2" run them on a 2-GPU machine; HF_TIMEOUT (default 330 s) bounds each hf pytest run. Everything lands in $OUT: log.txt and one JSON/txt per part.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG="$OUT/log.txt"
@@ -57,6 +58,9 @@ for part in "$@"; do
   hfcmp)
     timeout 230 python -m dcpserve.bench.hf_compare --num-layers 2 --input-len 128 --output-len 64 --out "$OUT/hf.json" \
         ${HFCMP_FP8:+--fp8} 2>&1 | tail -7 | tee -a "$LOG" ;;
+  prefill)
+    timeout 120 python -m pytest -x -q -p no:cacheprovider tests/kernels/test_mla_prefill.py 2>&1 | tail -2 | tee -a "$LOG"
+    timeout 300 python -m dcpserve.bench.kernels_prefill --sweep --out "$OUT/prefill.json" 2>&1 | tail -14 | tee -a "$LOG" ;;
   fp8)
     timeout 200 python -m pytest -x -q -p no:cacheprovider tests/kernels/test_fp8_linear.py tests/kernels/test_moe.py \
         2>&1 | tail -2 | tee -a "$LOG"

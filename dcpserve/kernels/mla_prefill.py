@@ -87,17 +87,23 @@ def _mla_prefill_kernel(q_ptr, kv_ptr, cu_q_ptr, cu_k_ptr, qpos_ptr, topk_ptr, t
     finish_rows(o_ptrs, lse_ptr + tok64 * stride_lt + heads, row_ok, m_i, l_i, acc)
 
 
-def prefill_tile(n_heads: int, sparse: bool, fp32: bool = False) -> tuple[int, int, int, int, int]:
+def prefill_tile(n_heads: int, sparse: bool, fp32: bool = False, fp8: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_N, num_warps, num_stages). M = BLOCK_T * BLOCK_H rows per program."""
     if fp32 and not interpreting():  # fp32 operands: half the rows and keys so the tiles fit shared memory
         block_h = max(16, min(32, next_pow2(n_heads)))
         return (1 if sparse else max(1, 32 // block_h)), block_h, 16, 4, 1
     rows = 16 if interpreting() else 64
     block_h = min(rows, next_pow2(n_heads)) if not sparse else max(16, min(rows, next_pow2(n_heads)))
+    if sparse and fp8:
+        # With the fp8 dequantization in registers the 4-warp tile of fewer than 64 rows spills; the 64-row
+        # tile with half its rows masked is 1.7x faster at 32 heads (H200, docs/PERF.md "prefill tile").
+        block_h = rows
     block_t = 1 if sparse else max(1, rows // block_h)
     if interpreting():
         return block_t, block_h, 16, 4, 1
-    return block_t, block_h, 32, 8 if block_t * block_h >= 64 else 4, 2
+    # 64 keys per step: 1.26-1.44x the 32-key tile on H200 at every engine shape (32-128 heads, dense and
+    # sparse, bf16 and fp8 caches; docs/PERF.md "prefill tile").
+    return block_t, block_h, 64, 8 if block_t * block_h >= 64 else 4, 2
 
 
 def mla_prefill(q: torch.Tensor, kv: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, q_pos: torch.Tensor,
@@ -118,7 +124,8 @@ def mla_prefill(q: torch.Tensor, kv: torch.Tensor, cu_q: torch.Tensor, cu_k: tor
     n_seq = cu_q.shape[0] - 1
     if t == 0 or n_seq == 0:
         return out, lse
-    block_t, block_h, block_n, warps, stages = prefill_tile(n_heads, sparse, fp32=not fp8 and kv.dtype == torch.float32)
+    block_t, block_h, block_n, warps, stages = prefill_tile(n_heads, sparse, fp32=not fp8 and kv.dtype == torch.float32,
+                                                           fp8=fp8)
     if config is not None:
         block_h, block_n, warps, stages = config.block_h, config.block_n, config.num_warps, config.num_stages
         block_t = 1 if sparse else max(1, (16 if interpreting() else 64) // block_h)

@@ -113,3 +113,9 @@ def test_torch_backend_sparse_prefill_equals_masked_attention(monkeypatch, block
         torch.testing.assert_close(out[qa:qb], o, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[qa:qb], l, atol=1e-5, rtol=1e-5)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+
+
+def test_prefill_bench_tiny_matches_ref(tmp_path):
+    # The prefill benchmark's engine-shaped chunks (dense first chunk, sparse second) at small sizes.
+    from dcpserve.bench.kernels_prefill import main
+    assert main(["--tiny", "--out", str(tmp_path / "prefill.json")]) == 0
