@@ -6,8 +6,9 @@ DCP sizes in turn, plus a greedy-token check across configurations.
 
 Prints a table last and writes JSON. TTFT is the median of `--ttft-repeats` prefills of fresh prompts (the
 last one starts the measured run; every sample is in the JSON as `ttft_samples_ms`). TTFTs move by several
-percent between engine starts: to compare DCP sizes, run them interleaved (`--dcp 1,2,4,4,2,1`). TPOT is the wall time after the last first token over the remaining
-steps; `step ms` is the median of the steps that decoded the whole batch, which no prefill step can skew.
+percent between engine starts: to compare DCP sizes, run them interleaved (`--dcp 1,2,4,4,2,1`). TPOT is the
+wall time after the last first token over the remaining steps; `step ms` is the median of the steps that
+decoded the whole batch, which no prefill step can skew.
 The whole batch always decodes together (`--max-running-requests` is raised to the batch if lower).
 `--compare` runs extra configurations (e.g. the torch backend, eager mode) and reports whether their greedy
 tokens equal the first configuration's.
@@ -111,12 +112,12 @@ def run_one(args: EngineArgs, label: str, batch: int, input_len: int, output_len
         t1 = time.perf_counter()
         ttft = max(first.values()) - t0  # the batch's prefill is done when the last first token arrives
         tpot = (t1 - t0 - ttft) / max(output_len - 1, 1)
-        samples = [x * 1e3 for x in ttfts + [ttft]]
-        ttft = statistics.median(ttfts + [ttft])
+        samples_ms = [x * 1e3 for x in [*ttfts, ttft]]
         step_ms = statistics.median(full_steps) * 1e3 if full_steps else float("nan")
-        return Result(label, args.tp, args.dcp, batch, input_len, output_len, ttft * 1e3, tpot * 1e3, step_ms,
-                      batch / tpot if tpot > 0 else 0.0, t1 - t0, eng.cfg.num_hidden_layers, eng.capacity_tokens,
-                      [outs[str(i)] for i in range(batch)], seq0_logits or None, samples)
+        return Result(label, args.tp, args.dcp, batch, input_len, output_len, statistics.median(samples_ms),
+                      tpot * 1e3, step_ms, batch / tpot if tpot > 0 else 0.0, t1 - t0, eng.cfg.num_hidden_layers,
+                      eng.capacity_tokens,
+                      [outs[str(i)] for i in range(batch)], seq0_logits or None, samples_ms)
     finally:
         eng.shutdown()
 
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_one(a, f"tp{a.tp}-dcp{d}", ns.batch, ns.input_len, ns.output_len, a.seed,
                                logits=ns.logits, ttft_repeats=ns.ttft_repeats))
         r = results[-1]
-        print(f"done {r.label}: TTFT {r.ttft_ms:.1f} ms (min {min(r.ttft_samples_ms):.1f}), TPOT {r.tpot_ms:.3f} ms, decode step {r.decode_step_ms:.3f} ms",
-              flush=True)
+        print(f"done {r.label}: TTFT {r.ttft_ms:.1f} ms (min {min(r.ttft_samples_ms):.1f}), TPOT {r.tpot_ms:.3f} ms, "
+              f"decode step {r.decode_step_ms:.3f} ms", flush=True)
     for spec in filter(None, ns.compare.split(";")):
         name, _, flags = spec.partition(":")
         over = {}

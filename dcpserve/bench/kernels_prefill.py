@@ -54,7 +54,8 @@ def make_chunk(kind: str, heads: int, fp8: bool, chunk: int, kv_lora: int, rope:
             "fp8": fp8, "pairs": chunk * chunk if kind == "sparse" else chunk * (chunk + 1) // 2}
 
 
-def run(c: dict[str, Any], kv_lora: int, rope: int, tile: TileConfig | None = None):
+def run(c: dict[str, Any], kv_lora: int, rope: int,
+        tile: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return mla_prefill(c["q"], c["kv"], c["cu_q"], c["cu_k"], c["q_pos"], SCALE, kv_lora, rope, c["fp8"],
                        topk_pos=c["topk"], max_q_len=c["q"].shape[0], config=tile)
 
@@ -86,9 +87,10 @@ def time_case(kind: str, heads: int, fp8: bool, sweep: bool) -> list[dict[str, A
 def tiny_checks() -> list[dict[str, Any]]:
     """The engine's two chunk kinds at small shapes through the interpreter, against the torch reference."""
     rows = []
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for kind in ("dense", "sparse"):
         for fp8 in (False, True):
-            c = make_chunk(kind, 4, fp8, 24, 64, 16, torch.device("cuda" if torch.cuda.is_available() else "cpu"), seed=1)
+            c = make_chunk(kind, 4, fp8, 24, 64, 16, dev, seed=1)
             got = run(c, 64, 16)
             ref = mla_prefill_ref(c["q"], c["kv"], c["cu_q"], c["cu_k"], c["q_pos"], SCALE, 64, 16, fp8,
                                   topk_pos=c["topk"])
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     for cache in ns.cache:
         for heads in ns.heads:
             for kind in ("dense", "sparse"):
-                rs = [r for r in res["rows"] if (r["kind"], r["cache"], r["heads"]) == (kind, cache, heads) and "ms" in r]
+                rs = [r for r in res["rows"]
+                      if (r["kind"], r["cache"], r["heads"]) == (kind, cache, heads) and "ms" in r]
                 if not rs:
                     continue
                 d = next(r for r in rs if r["default"])
