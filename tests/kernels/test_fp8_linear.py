@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from dcpserve.kernels.fp8_linear import Fp8GemmConfig, dequant_fp8, fp8_linear, fp8_linear_ref  # noqa: E402
 from dcpserve.loader.fp8 import dequantize_block, quantize_block, shard_fp8  # noqa: E402
+from tests.kernels._close import assert_rel_close  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEV.type == "cuda"
@@ -29,11 +30,7 @@ def _weight(n: int, k: int, block: tuple[int, int], gen: torch.Generator):
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert out.dtype == dtype and out.shape == ref.shape
-    scale = ref.float().abs().max().item()
-    tol = 2e-6 if dtype == torch.float32 else 1.6e-2
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= tol * max(scale, 1e-3), (err, scale)
+    assert_rel_close(out, ref, dtype, tol32=2e-6, tol16=1.6e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,6 +17,7 @@ from dcpserve.kernels.moe import (  # noqa: E402
     MoEConfig, MoEScales, fused_moe, fused_moe_ref, moe_align)
 from dcpserve.loader.fp8 import quantize_block  # noqa: E402
 from dcpserve.model.moe import expert_weights, experts_loop, route  # noqa: E402
+from tests.kernels._close import assert_rel_close  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = MoEConfig(block_m=16, block_n1=16, block_n2=32, block_k=32, num_warps=4, num_stages=2)
@@ -37,11 +38,7 @@ def _routing(t: int, k: int, experts: list[int], gen: torch.Generator):
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert out.dtype == dtype and out.shape == ref.shape
-    scale = ref.float().abs().max().item()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= tol * max(scale, 1e-3), (err, scale)
+    assert_rel_close(out, ref, dtype, tol32=1e-5, tol16=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
