@@ -24,9 +24,10 @@ for part in "$@"; do
         --output-len 24 --logits --out "$OUT/check.json" \
         --compare "torch-dcp1-eager:dcp=1,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager:dcp=4,disable_cuda_graph=true;triton-dcp4-repl-ag_rs:dcp=4,dcp_indexer=replicated,dcp_comm=ag_rs" \
         2>&1 | tail -9 | tee -a "$LOG" ;;
-  check32)  # fp32 weights and activations: no bf16 near-ties, so greedy tokens must agree everywhere
+  check32)  # fp32 weights and activations: no bf16 near-ties, so greedy tokens must agree everywhere (CHECK_KV=fp8_e4m3 or
+            # bf16: that cache, read by the Hopper decode kernels; the default fp32 cache takes the portable ones)
     timeout ${CHECK_TIMEOUT:-170} python -m dcpserve.bench.engine $BENCH --dtype float32 --num-layers 4 --dcp 1,2,4 --batch 2 \
-        --input-len 2100 --output-len 12 --logits --out "$OUT/check32.json" ${CHECK_QUANT:+--quantization $CHECK_QUANT} \
+        --input-len 2100 --output-len 12 --logits --out "$OUT/check32.json" ${CHECK_QUANT:+--quantization $CHECK_QUANT} ${CHECK_KV:+--kv-cache-dtype $CHECK_KV} \
         --compare "torch-dcp4-eager:dcp=4,attention_backend=torch,disable_cuda_graph=true;triton-dcp4-eager-repl-ag_rs:dcp=4,disable_cuda_graph=true,dcp_indexer=replicated,dcp_comm=ag_rs;triton-dcp4-a2a:dcp=4,dcp_comm=a2a;triton-dcp2-eager:dcp=2,disable_cuda_graph=true" \
         2>&1 | tail -11 | tee -a "$LOG" ;;
   p2p)  # the peer-to-peer DCP collectives: kernels on one GPU, then 2 and 4 ranks against NCCL

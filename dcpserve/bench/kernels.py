@@ -1,12 +1,13 @@
 """Attention kernel benchmark (CUDA): correctness at DeepSeek shapes, then timings.
 
     python -m dcpserve.bench.kernels --out kernels.json [--sweep] [--budget-s 270] [--heads 16,32,64,128 --dense-only]
+    python -m dcpserve.bench.kernels --out sparse.json --skip-checks --sparse-only --heads 128,64,32
 
 (a) checks every attention kernel against its torch reference at kv_lora 512, rope 64, 128 query heads,
     bf16 and fp8 (656 B) caches; (b) times with `triton.testing.do_bench` (median, L2 flushed between
     runs): dense paged decode for batch {1, 32, 128} x context {4K, 32K, 128K} (GB/s and % of the measured
-    device-to-device copy bandwidth, which counts read + write bytes), sparse decode at batch 128 with
-    k = 2048/d for d in {1, 2, 4} (time, TFLOP/s, GB/s), prefill and the LSE merge. `--sweep` then tries a
+    device-to-device copy bandwidth, which counts read + write bytes), sparse decode at batch 128 and 1 with
+    k = 2048/d for d in {1, 2, 4} (time, TFLOP/s, GB/s; batch 1 also in a CUDA graph), prefill and the LSE merge. `--sweep` then tries a
     few tile configs on the target shapes (pass the winner back with `--tile`). JSON is rewritten after
     every section so a run cut short still reports what it measured; a time budget skips what won't fit.
 
@@ -18,7 +19,8 @@ lower GB/s at similar TFLOP/s. Sparse decode at k = 2048 should clear 150 TFLOP/
 
 Measured on H100 80GB HBM3 (copy 3003 GB/s): dense bf16 54-56% of copy bandwidth (392-408 TFLOP/s) at
 batch >= 32, ctx >= 32K with the Hopper Gluon kernel (the portable Triton kernel, timed beside it: 35-36%),
-fp8 17% (portable); sparse k = 2048 180 TFLOP/s bf16 / 168 fp8. Why dense still misses 75%: see the
+fp8 17% (portable); sparse k = 2048 180 TFLOP/s bf16 / 168 fp8 with the portable kernel, 345 / 279 on H200
+since sparse decode runs the Hopper kernel too. Why dense still misses 75%: see the
 mla_decode_sm90 docstring (the tensor cores idle during the softmax). With fewer heads dense decode is bound
 by memory: on H200 16 and 32 heads reach 70-79% of copy bandwidth at batch >= 32, ctx >= 32K (`--heads`).
 """
@@ -123,7 +125,7 @@ def run_checks(tiles: dict, page: int) -> list[dict]:
         for ns in (None, 5):
             got = mla_decode(q, pool, bt, lens, page, SCALE, KV_LORA, ROPE, fp8, num_splits=ns,
                              config=tiles.get(f"dense-{tag}"))
-            out.append(check(f"decode {tag} splits={ns} ({dense_kernel(q, pool, fp8, tiles.get(f'dense-{tag}'))})",
+            out.append(check(f"decode {tag} splits={ns} ({decode_kernel(q, pool, fp8, tiles.get(f'dense-{tag}'))})",
                              got, ref))
         if not fp8:  # the portable kernel too, where the Hopper one took the default path
             got = mla_decode(q, pool, bt, lens, page, SCALE, KV_LORA, ROPE, fp8, config=default_tile(HEADS, fp8))
@@ -164,8 +166,8 @@ def run_checks(tiles: dict, page: int) -> list[dict]:
     return out
 
 
-def dense_kernel(q: torch.Tensor, pool: torch.Tensor, fp8: bool, tile) -> str:
-    """Which dense decode kernel mla_decode runs for these inputs: the Hopper Gluon one or the portable one."""
+def decode_kernel(q: torch.Tensor, pool: torch.Tensor, fp8: bool, tile) -> str:
+    """Which decode kernel runs for these inputs (dense and sparse alike): the Hopper Gluon one or the portable one."""
     from dcpserve.kernels.mla_decode import sm90_kernel
 
     return "sm90" if tile is None and sm90_kernel(q, pool, KV_LORA, ROPE, fp8) else "portable"
@@ -185,22 +187,25 @@ def dense_case(pool: torch.Tensor, fp8: bool, batch: int, ctx: int, tile, page: 
     ms = bench_ms(fn)
     nbytes = batch * ctx * row_bytes(fp8)
     flops = batch * heads * ctx * FLOP_PER_HEAD_KEY
-    return {"cache": "fp8" if fp8 else "bf16", "kernel": dense_kernel(q, pool, fp8, tile), "heads": heads,
+    return {"cache": "fp8" if fp8 else "bf16", "kernel": decode_kernel(q, pool, fp8, tile), "heads": heads,
             "batch": batch, "ctx": ctx, "ms": ms,
             "gbps": nbytes / (ms * 1e-3) / 1e9, "tflops": flops / (ms * 1e-3) / 1e12,
             "ms_graph": bench_graph_ms(fn) if batch == 1 else None}
 
 
-def sparse_case(pool: torch.Tensor, fp8: bool, batch: int, k: int, tile) -> dict:
+def sparse_case(pool: torch.Tensor, fp8: bool, batch: int, k: int, tile, heads: int = HEADS) -> dict:
     from dcpserve.kernels.mla_sparse_decode import mla_sparse_decode
 
     rows = torch.randint(0, pool.shape[0], (batch, k), dtype=torch.int32, device="cuda")
     counts = torch.full((batch,), k, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HEADS, KV_LORA + ROPE, device="cuda").bfloat16()
-    ms = bench_ms(lambda: mla_sparse_decode(q, pool, rows, counts, SCALE, KV_LORA, ROPE, fp8, config=tile))
-    flops = batch * HEADS * k * FLOP_PER_HEAD_KEY
-    return {"cache": "fp8" if fp8 else "bf16", "batch": batch, "k": k, "ms": ms,
-            "tflops": flops / (ms * 1e-3) / 1e12, "gbps": batch * k * row_bytes(fp8) / (ms * 1e-3) / 1e9}
+    q = torch.randn(batch, heads, KV_LORA + ROPE, device="cuda").bfloat16()
+    fn = lambda: mla_sparse_decode(q, pool, rows, counts, SCALE, KV_LORA, ROPE, fp8, config=tile)  # noqa: E731
+    ms = bench_ms(fn)
+    flops = batch * heads * k * FLOP_PER_HEAD_KEY
+    return {"cache": "fp8" if fp8 else "bf16", "kernel": decode_kernel(q, pool, fp8, tile), "heads": heads,
+            "batch": batch, "k": k, "ms": ms,
+            "tflops": flops / (ms * 1e-3) / 1e12, "gbps": batch * k * row_bytes(fp8) / (ms * 1e-3) / 1e9,
+            "ms_graph": bench_graph_ms(fn) if batch == 1 else None}
 
 
 SWEEP = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)]
@@ -246,6 +251,7 @@ def main() -> None:
     ap.add_argument("--cache", type=lambda v: v.split(","), default=["bf16", "fp8"],
                     help="cache formats to time, comma-separated (bf16, fp8)")
     ap.add_argument("--dense-only", action="store_true", help="only the dense decode table (skip sparse, prefill, merge)")
+    ap.add_argument("--sparse-only", action="store_true", help="only the sparse decode table (heads from --heads)")
     ap.add_argument("--tile", action="append", default=[],
                     help="KIND=H,N,WARPS,STAGES with KIND in dense-bf16, dense-fp8, sparse-bf16, sparse-fp8")
     args = ap.parse_args()
@@ -280,7 +286,8 @@ def main() -> None:
     for fp8 in [c == "fp8" for c in args.cache]:
         tag = "fp8" if fp8 else "bf16"
         pool = make_pool(128 * 131072, fp8, seed=3)
-        for heads, batch, ctx in itertools.product(args.heads, (1, 32, 128), (4096, 32768, 131072)):
+        dense_shapes = () if args.sparse_only else itertools.product(args.heads, (1, 32, 128), (4096, 32768, 131072))
+        for heads, batch, ctx in dense_shapes:
             if budget.left() < 15:
                 break
             r = dense_case(pool, fp8, batch, ctx, tiles.get(f"dense-{tag}"), page, heads=heads)
@@ -292,15 +299,21 @@ def main() -> None:
                 res["dense"].append(r)
                 print("dense", r, flush=True)
             save()
-        for d in () if args.dense_only else (1, 2, 4):
+        # k = 2048 / d: what one DCP rank attends to per query.
+        sparse_shapes = () if args.dense_only else itertools.product(args.heads, (128, 1), (1, 2, 4))
+        for heads, batch, d in sparse_shapes:
             if budget.left() < 10:
                 break
-            r = sparse_case(pool, fp8, 128, 2048 // d, tiles.get(f"sparse-{tag}"))
-            r["dcp"] = d
-            res["sparse"].append(r)
-            print("sparse", r, flush=True)
+            r = sparse_case(pool, fp8, batch, 2048 // d, tiles.get(f"sparse-{tag}"), heads)
+            rows = [r]
+            if r["kernel"] == "sm90":  # and the portable kernel on the same shape
+                rows.append(sparse_case(pool, fp8, batch, 2048 // d, default_tile(heads, fp8), heads))
+            for r in rows:
+                r["dcp"] = d
+                res["sparse"].append(r)
+                print("sparse", r, flush=True)
             save()
-        if not fp8 and not args.dense_only and budget.left() > 20:
+        if not fp8 and not args.dense_only and not args.sparse_only and budget.left() > 20:
             res["prefill"] = prefill_cases(pool)
             save()
         del pool
@@ -369,9 +382,12 @@ def print_table(res: dict) -> None:
         g = f"{r['ms_graph']:9.3f}" if r.get("ms_graph") else ""
         print(f"{r['cache'] + ' ' + r.get('kernel', ''):23s} {r.get('heads', HEADS):5d} {r['batch']:5d} {r['ctx']:7d} {r['ms']:9.3f} {r['gbps']:7.0f} "
               f"{r['pct_copy_bw']:6.1f} {r['tflops']:8.1f} {g}")
-    print(f"{'sparse decode':14s} {'batch':>5s} {'k':>7s} {'ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s}")
+    print(f"{'sparse decode':14s} {'heads':>5s} {'batch':>5s} {'k':>7s} {'ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s}"
+          f" {'graph ms':>9s}")
     for r in res["sparse"]:
-        print(f"{r['cache']:14s} {r['batch']:5d} {r['k']:7d} {r['ms']:9.3f} {r['gbps']:7.0f} {r['tflops']:8.1f}")
+        g = f"{r['ms_graph']:9.3f}" if r.get("ms_graph") else ""
+        print(f"{r['cache'] + ' ' + r.get('kernel', ''):14s} {r.get('heads', HEADS):5d} {r['batch']:5d} {r['k']:7d}"
+              f" {r['ms']:9.3f} {r['gbps']:7.0f} {r['tflops']:8.1f} {g}")
     for r in res["prefill"]:
         print(f"prefill H={r['heads']} new={r['new']} ctx={r['ctx']}: {r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s")
     for r in res["sweep"]:

@@ -126,6 +126,17 @@ def sm90_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_di
     return mod if mod is not None and mod.supported(q, cache, kv_lora_rank, rope_dim, fp8) else None
 
 
+def choose_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool,
+                  config: TileConfig | None):
+    """(Hopper module or None, portable tile, block_h, block_n) for a decode over these inputs. A given
+    `config` always means the portable kernel (benchmarks and tests compare the two that way)."""
+    sm90 = sm90_kernel(q, cache, kv_lora_rank, rope_dim, fp8) if config is None else None
+    cfg = config or default_tile(q.shape[1], fp8, fp32=not fp8 and cache.dtype == torch.float32)
+    if sm90:
+        return sm90, cfg, sm90.BLOCK_H.value, sm90.BLOCK_N.value
+    return None, cfg, cfg.block_h, cfg.block_n
+
+
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
                page_size: int, scale: float, kv_lora_rank: int, rope_dim: int, fp8: bool,
                num_splits: int | None = None, max_len: int | None = None,
@@ -141,9 +152,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     b, n_heads, width = q.shape
     if width != kv_lora_rank + rope_dim or q.stride(2) != 1:
         raise ValueError(f"q must be [B, Hq, {kv_lora_rank + rope_dim}] with contiguous last dim")
-    sm90 = sm90_kernel(q, cache, kv_lora_rank, rope_dim, fp8) if config is None else None
-    cfg = config or default_tile(n_heads, fp8, fp32=not fp8 and cache.dtype == torch.float32)
-    block_h, block_n = (sm90.BLOCK_H.value, sm90.BLOCK_N.value) if sm90 else (cfg.block_h, cfg.block_n)
+    sm90, cfg, block_h, block_n = choose_kernel(q, cache, kv_lora_rank, rope_dim, fp8, config)
     head_blocks = triton.cdiv(n_heads, block_h)
     if num_splits is None:
         bound = max_len if max_len is not None else block_table.shape[1] * page_size

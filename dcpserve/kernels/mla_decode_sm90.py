@@ -58,6 +58,11 @@ kernel, but 1.3x the bf16 cache's time per token (the register loads cover about
 issuing them a tile earlier spills 964 bytes per thread). Loading each tile's page id a tile ahead
 (`_tile_page`) took fp8 at page 64 to 35.5-36.1% / 18.1-18.3% (+10%) and at page 16 from 30-32% to 32-34%;
 bf16 unchanged within noise.
+
+Sparse decode (DSA) runs this kernel too: `mla_sparse_decode` passes each query's compacted row list as its
+block table with page size 1 and its count as its length, so a tile's 64 keys are 64 arbitrary rows (their
+ids loaded a tile ahead, like the per-key page ids at page 16). 1.7-1.9x the portable sparse kernel at
+batch 128 (H200; docs/PERF.md section 2).
 """
 from __future__ import annotations
 

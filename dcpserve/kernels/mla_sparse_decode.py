@@ -14,12 +14,15 @@ count may be split over `num_splits` programs (equal shares of each query's own 
 combined by `merge_lse`.
 
 Performance model: at batch 128, 128 heads, k = 2048 this is 128*128*2048*2*(576+512) = 73 GFLOP over
-302 MB (bf16) / 172 MB (fp8) of gathered rows: ~240 / 420 FLOP/B, firmly compute-bound on H100/H200. The
-target (150 TFLOP/s, ~0.49 ms) needs the same wgmma 64-head tile as dense decode; 2 head blocks x 128
-queries = 256 programs = ~2 waves on 132 SMs, so no split is needed there. Expect ~250-400 TFLOP/s for bf16
-and a little less for fp8 (in-register dequantization).
-Measured (H100 80GB HBM3): k = 2048: 178 TFLOP/s bf16 (0.41 ms), 167 fp8; k = 1024: 161 / 152; k = 512:
-139 / 133 (shorter loops amortize the q load and epilogue less). See mla_decode for why not higher.
+302 MB (bf16) / 172 MB (fp8) of gathered rows: ~240 / 420 FLOP/B, firmly compute-bound on H100/H200, like
+dense decode at 128 heads. So on Hopper, for a bf16 or fp8 cache of the DeepSeek dims, this hands the work
+to the dense Gluon kernel (`mla_decode_sm90`) with the row list as a block table of one-row pages: the same
+hand-placed wgmma tile, each key's row id loaded a tile ahead, entries past the count never loaded.
+Measured (1x H200, `python -m dcpserve.bench.kernels --sparse-only`, docs/PERF.md section 2), batch 128,
+128 heads: k = 2048 0.409 -> 0.212 ms (178 -> 345 TFLOP/s) bf16, 0.445 -> 0.262 ms (164 -> 279) fp8;
+k = 512 (a DCP4 rank) 0.125 -> 0.073 ms bf16. Predicted from the dense kernel's ~390 TFLOP/s: 0.19 ms;
+the rest is the per-key row gather (no contiguous pages) and shorter loops. The Triton kernel below
+serves every other case (other GPUs and dims, fp32 caches, the CPU interpreter).
 """
 from __future__ import annotations
 
@@ -28,11 +31,10 @@ import triton
 import triton.language as tl
 
 from dcpserve.kernels._common import (LOG2E, TileConfig, attention_fp32, check_cache, check_latent_dims,
-                                      choose_num_splits, default_tile, empty_result, fp8_block, num_sms,
-                                      split_partials)
+                                      choose_num_splits, empty_result, fp8_block, num_sms, split_partials)
 from dcpserve.kernels._mla_tile import attend_tile, finish_rows, load_latent_tile
 from dcpserve.kernels.merge import merge_lse
-from dcpserve.kernels.mla_decode import compute_dtype, decode_rows
+from dcpserve.kernels.mla_decode import choose_kernel, compute_dtype, decode_rows
 
 
 @triton.jit(do_not_specialize=["n_heads", "num_splits", "stride_qb", "stride_rb", "stride_os", "stride_ob"])
@@ -80,7 +82,9 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out fp32 [B, Hq, kv_lora_rank], lse fp32 [B, Hq]). num_splits defaults to a choice from B
     and kmax (= rows.shape[1], a static bound, so no device sync). `out`: optional contiguous (out, lse)
-    tensors of those shapes to write into."""
+    tensors of those shapes to write into. On Hopper with a bf16 or fp8 cache of the DeepSeek dims this runs
+    the Gluon kernel of `mla_decode_sm90` (1.5-2x faster there); elsewhere, or when a `config` is given, the
+    Triton kernel above."""
     check_latent_dims(kv_lora_rank, rope_dim)
     check_cache(cache, kv_lora_rank, rope_dim, fp8)
     b, n_heads, width = q.shape
@@ -88,24 +92,29 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
         raise ValueError(f"q must be [B, Hq, {kv_lora_rank + rope_dim}] with contiguous last dim")
     if rows.dim() != 2 or rows.shape[0] != b or rows.stride(1) != 1:
         raise ValueError("rows must be [B, kmax] with contiguous last dim")
-    cfg = config or default_tile(n_heads, fp8, fp32=not fp8 and cache.dtype == torch.float32)
-    head_blocks = triton.cdiv(n_heads, cfg.block_h)
+    sm90, cfg, block_h, block_n = choose_kernel(q, cache, kv_lora_rank, rope_dim, fp8, config)
+    head_blocks = triton.cdiv(n_heads, block_h)
     if num_splits is None:
-        num_splits = choose_num_splits(b, head_blocks, rows.shape[1], cfg.block_n, num_sms(q.device))
+        num_splits = choose_num_splits(b, head_blocks, rows.shape[1], block_n, num_sms(q.device))
     out, lse = out if out is not None else empty_result(b, n_heads, kv_lora_rank, q.device)
     if b == 0:
         return out, lse
     part_o, part_l = split_partials(out, lse, num_splits)
-    cdt, prec = compute_dtype(q, cache, fp8)
-    grid = (head_blocks, num_splits, b)
-    _mla_sparse_decode_kernel[grid](
-        q, cache, rows, counts, part_o, part_l,
-        q.stride(0), q.stride(1), cache.stride(0), rows.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
-        n_heads, num_splits, scale * LOG2E,
-        KV_LORA=kv_lora_rank, ROPE=rope_dim, FP8=fp8, QBLK=fp8_block(kv_lora_rank),
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, CDT=cdt, PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if sm90:
+        # A row list is a block table of one-row pages: at page size 1 the Hopper dense kernel gathers
+        # exactly rows[b, :counts[b]] (split the same way, entries past the count never loaded).
+        sm90.launch(q, cache, rows, counts, part_o, part_l, 1, scale, num_splits)
+    else:
+        cdt, prec = compute_dtype(q, cache, fp8)
+        grid = (head_blocks, num_splits, b)
+        _mla_sparse_decode_kernel[grid](
+            q, cache, rows, counts, part_o, part_l,
+            q.stride(0), q.stride(1), cache.stride(0), rows.stride(0),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
+            n_heads, num_splits, scale * LOG2E,
+            KV_LORA=kv_lora_rank, ROPE=rope_dim, FP8=fp8, QBLK=fp8_block(kv_lora_rank),
+            BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, CDT=cdt, PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
         merge_lse(part_o, part_l, out=out, lse_out=lse)
     return out, lse

@@ -24,7 +24,7 @@ SMEM_LIMIT = 232448  # bytes a block may use on H100/H200
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                                     "ptxas")), reason="this Triton ships no ptxas")
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("page", [64, 16])  # a tile inside one page / a tile over 4 pages
+@pytest.mark.parametrize("page", [64, 16, 1])  # a tile inside one page / over 4 pages / sparse decode's row lists
 def test_compiles_for_sm90a(fp8, page):
     # A fresh interpreter without TRITON_INTERPRET (conftest sets it for the CPU session).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
