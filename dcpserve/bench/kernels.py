@@ -7,9 +7,10 @@
     bf16 and fp8 (656 B) caches; (b) times with `triton.testing.do_bench` (median, L2 flushed between
     runs): dense paged decode for batch {1, 32, 128} x context {4K, 32K, 128K} (GB/s and % of the measured
     device-to-device copy bandwidth, which counts read + write bytes), sparse decode at batch 128 and 1 with
-    k = 2048/d for d in {1, 2, 4} (time, TFLOP/s, GB/s; batch 1 also in a CUDA graph), prefill and the LSE merge. `--sweep` then tries a
-    few tile configs on the target shapes (pass the winner back with `--tile`). JSON is rewritten after
-    every section so a run cut short still reports what it measured; a time budget skips what won't fit.
+    k = 2048/d for d in {1, 2, 4} (time, TFLOP/s, GB/s; batch 1 also in a CUDA graph), prefill and the LSE
+    merge. `--sweep` then tries a few tile configs on the target shapes (pass the winner back with `--tile`).
+    JSON is rewritten after every section so a run cut short still reports what it measured; a time budget
+    skips what won't fit.
 
 Expectations, written before measuring (see the kernel docstrings for the arithmetic): with 128 heads one
 cached token costs 279 kFLOP, so dense decode is compute-bound (242 FLOP/B bf16, 424 FLOP/B fp8). A bf16
@@ -138,7 +139,8 @@ def run_checks(tiles: dict, page: int) -> list[dict]:
         for ns in (None, 3):
             got = mla_sparse_decode(q, pool, rows, counts, SCALE, KV_LORA, ROPE, fp8, num_splits=ns,
                                     config=tiles.get(f"sparse-{tag}"))
-            out.append(check(f"sparse decode {tag} splits={ns}", got, ref))
+            kernel = decode_kernel(q, pool, fp8, tiles.get(f"sparse-{tag}"))
+            out.append(check(f"sparse decode {tag} splits={ns} ({kernel})", got, ref))
         ctx, new = [1000, 300, 77], [64, 300, 0]
         cu_k = torch.tensor([0] + ctx, device="cuda").cumsum(0).int()
         cu_q = torch.tensor([0] + new, device="cuda").cumsum(0).int()
