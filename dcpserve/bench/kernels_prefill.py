@@ -85,9 +85,12 @@ def time_case(kind: str, heads: int, fp8: bool, sweep: bool) -> list[dict[str, A
 
 
 def tiny_checks() -> list[dict[str, Any]]:
-    """The engine's two chunk kinds at small shapes through the interpreter, against the torch reference."""
+    """The engine's two chunk kinds at small shapes against the torch reference: on CPU through the
+    interpreter (fp32 dots), on a GPU with bf16 tensor-core dots, whose rounding moves outputs by a few 1e-3
+    (H200: at most 7.2e-3 here), hence the looser bound there."""
     rows = []
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tol = 3e-2 if dev.type == "cuda" else 1e-3
     for kind in ("dense", "sparse"):
         for fp8 in (False, True):
             c = make_chunk(kind, 4, fp8, 24, 64, 16, dev, seed=1)
@@ -95,7 +98,7 @@ def tiny_checks() -> list[dict[str, Any]]:
             ref = mla_prefill_ref(c["q"], c["kv"], c["cu_q"], c["cu_k"], c["q_pos"], SCALE, 64, 16, fp8,
                                   topk_pos=c["topk"])
             err = max(float((got[0] - ref[0]).abs().max()), float((got[1] - ref[1]).abs().max()))
-            rows.append({"kind": kind, "cache": "fp8" if fp8 else "bf16", "max_err": err, "ok": err < 1e-3})
+            rows.append({"kind": kind, "cache": "fp8" if fp8 else "bf16", "max_err": err, "ok": err < tol})
             print(rows[-1], flush=True)
     return rows
 
