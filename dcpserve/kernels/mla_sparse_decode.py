@@ -31,10 +31,9 @@ import triton
 import triton.language as tl
 
 from dcpserve.kernels._common import (LOG2E, TileConfig, attention_fp32, check_cache, check_latent_dims,
-                                      choose_num_splits, empty_result, fp8_block, num_sms, split_partials)
+                                      choose_num_splits, fp8_block, num_sms)
 from dcpserve.kernels._mla_tile import attend_tile, finish_rows, load_latent_tile
-from dcpserve.kernels.merge import merge_lse
-from dcpserve.kernels.mla_decode import choose_kernel, compute_dtype, decode_rows
+from dcpserve.kernels.mla_decode import choose_kernel, compute_dtype, decode_rows, run_splits
 
 
 @triton.jit(do_not_specialize=["n_heads", "num_splits", "stride_qb", "stride_rb", "stride_os", "stride_ob"])
@@ -96,18 +95,15 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
     head_blocks = triton.cdiv(n_heads, block_h)
     if num_splits is None:
         num_splits = choose_num_splits(b, head_blocks, rows.shape[1], block_n, num_sms(q.device))
-    out, lse = out if out is not None else empty_result(b, n_heads, kv_lora_rank, q.device)
-    if b == 0:
-        return out, lse
-    part_o, part_l = split_partials(out, lse, num_splits)
-    if sm90:
-        # A row list is a block table of one-row pages: at page size 1 the Hopper dense kernel gathers
-        # exactly rows[b, :counts[b]] (split the same way, entries past the count never loaded).
-        sm90.launch(q, cache, rows, counts, part_o, part_l, 1, scale, num_splits)
-    else:
+
+    def launch(part_o: torch.Tensor, part_l: torch.Tensor) -> None:
+        if sm90:
+            # A row list is a block table of one-row pages: at page size 1 the Hopper dense kernel gathers
+            # exactly rows[b, :counts[b]] (split the same way, entries past the count never loaded).
+            sm90.launch(q, cache, rows, counts, part_o, part_l, 1, scale, num_splits)
+            return
         cdt, prec = compute_dtype(q, cache, fp8)
-        grid = (head_blocks, num_splits, b)
-        _mla_sparse_decode_kernel[grid](
+        _mla_sparse_decode_kernel[(head_blocks, num_splits, b)](
             q, cache, rows, counts, part_o, part_l,
             q.stride(0), q.stride(1), cache.stride(0), rows.stride(0),
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
@@ -115,9 +111,8 @@ def mla_sparse_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, 
             KV_LORA=kv_lora_rank, ROPE=rope_dim, FP8=fp8, QBLK=fp8_block(kv_lora_rank),
             BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, CDT=cdt, PREC=prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if num_splits > 1:
-        merge_lse(part_o, part_l, out=out, lse_out=lse)
-    return out, lse
+
+    return run_splits(q, kv_lora_rank, num_splits, out, launch)
 
 
 def mla_sparse_decode_ref(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
