@@ -61,7 +61,7 @@ bf16 unchanged within noise.
 
 Sparse decode (DSA) runs this kernel too: `mla_sparse_decode` passes each query's compacted row list as its
 block table with page size 1 and its count as its length, so a tile's 64 keys are 64 arbitrary rows (their
-ids loaded a tile ahead, like the per-key page ids at page 16). 1.7-1.9x the portable sparse kernel at
+ids loaded a tile ahead, like the per-key page ids at page 16). 1.5-2.0x the portable sparse kernel at
 batch 128 (H200; docs/PERF.md section 2).
 """
 from __future__ import annotations
