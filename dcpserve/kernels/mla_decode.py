@@ -38,7 +38,6 @@ everything else (other GPUs, other dims, fp32 caches, the CPU interpreter).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 import triton
@@ -127,33 +126,6 @@ def sm90_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_di
     return mod if mod is not None and mod.supported(q, cache, kv_lora_rank, rope_dim, fp8) else None
 
 
-def choose_kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool,
-                  config: TileConfig | None):
-    """(Hopper module or None, portable tile, block_h, block_n) for a decode over these inputs. A given
-    `config` always means the portable kernel (benchmarks and tests compare the two that way)."""
-    sm90 = sm90_kernel(q, cache, kv_lora_rank, rope_dim, fp8) if config is None else None
-    cfg = config or default_tile(q.shape[1], fp8, fp32=not fp8 and cache.dtype == torch.float32)
-    if sm90:
-        return sm90, cfg, sm90.BLOCK_H.value, sm90.BLOCK_N.value
-    return None, cfg, cfg.block_h, cfg.block_n
-
-
-def run_splits(q: torch.Tensor, kv_lora_rank: int, num_splits: int,
-               out: tuple[torch.Tensor, torch.Tensor] | None,
-               launch: Callable[[torch.Tensor, torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-KV frame both decode kernels share: take (or allocate) the result, let `launch(part_o,
-    part_l)` write the per-split partials (the result itself when there is one split), merge the splits."""
-    b, n_heads, _ = q.shape
-    out, lse = out if out is not None else empty_result(b, n_heads, kv_lora_rank, q.device)
-    if b == 0:
-        return out, lse
-    part_o, part_l = split_partials(out, lse, num_splits)
-    launch(part_o, part_l)
-    if num_splits > 1:
-        merge_lse(part_o, part_l, out=out, lse_out=lse)
-    return out, lse
-
-
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
                page_size: int, scale: float, kv_lora_rank: int, rope_dim: int, fp8: bool,
                num_splits: int | None = None, max_len: int | None = None,
@@ -169,18 +141,23 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     b, n_heads, width = q.shape
     if width != kv_lora_rank + rope_dim or q.stride(2) != 1:
         raise ValueError(f"q must be [B, Hq, {kv_lora_rank + rope_dim}] with contiguous last dim")
-    sm90, cfg, block_h, block_n = choose_kernel(q, cache, kv_lora_rank, rope_dim, fp8, config)
+    sm90 = sm90_kernel(q, cache, kv_lora_rank, rope_dim, fp8) if config is None else None
+    cfg = config or default_tile(n_heads, fp8, fp32=not fp8 and cache.dtype == torch.float32)
+    block_h, block_n = (sm90.BLOCK_H.value, sm90.BLOCK_N.value) if sm90 else (cfg.block_h, cfg.block_n)
     head_blocks = triton.cdiv(n_heads, block_h)
     if num_splits is None:
         bound = max_len if max_len is not None else block_table.shape[1] * page_size
         num_splits = choose_num_splits(b, head_blocks, bound, block_n, num_sms(q.device))
-
-    def launch(part_o: torch.Tensor, part_l: torch.Tensor) -> None:
-        if sm90:
-            sm90.launch(q, cache, block_table, lens, part_o, part_l, page_size, scale, num_splits)
-            return
+    out, lse = out if out is not None else empty_result(b, n_heads, kv_lora_rank, q.device)
+    if b == 0:
+        return out, lse
+    part_o, part_l = split_partials(out, lse, num_splits)
+    if sm90:
+        sm90.launch(q, cache, block_table, lens, part_o, part_l, page_size, scale, num_splits)
+    else:
         cdt, prec = compute_dtype(q, cache, fp8)
-        _mla_decode_kernel[(head_blocks, num_splits, b)](
+        grid = (head_blocks, num_splits, b)
+        _mla_decode_kernel[grid](
             q, cache, block_table, lens, part_o, part_l,
             q.stride(0), q.stride(1), cache.stride(0), block_table.stride(0),
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
@@ -189,8 +166,9 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
             BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, CDT=cdt, PREC=prec,
             ALIGNED_ROWS=cache.stride(0) * cache.element_size() % 16 == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    return run_splits(q, kv_lora_rank, num_splits, out, launch)
+    if num_splits > 1:
+        merge_lse(part_o, part_l, out=out, lse_out=lse)
+    return out, lse
 
 
 def decode_rows(cache: torch.Tensor, rows: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool) -> torch.Tensor:
