@@ -59,10 +59,10 @@ issuing them a tile earlier spills 964 bytes per thread). Loading each tile's pa
 (`_tile_page`) took fp8 at page 64 to 35.5-36.1% / 18.1-18.3% (+10%) and at page 16 from 30-32% to 32-34%;
 bf16 unchanged within noise.
 
-Sparse decode (DSA) runs this kernel too: `mla_sparse_decode` passes each query's compacted row list as its
-block table with page size 1 and its count as its length, so a tile's 64 keys are 64 arbitrary rows (their
-ids loaded a tile ahead, like the per-key page ids at page 16). 1.5-2.0x the portable sparse kernel at
-batch 128 (H200; docs/PERF.md section 2).
+Sparse decode (DSA) runs this kernel too: `mla_sparse_decode` calls `mla_decode` with each query's compacted
+row list as its block table, page size 1 and its count as its length, so a tile's 64 keys are 64 arbitrary
+rows (their ids loaded a tile ahead, like the per-key page ids at page 16). 1.5-2.0x the former portable
+sparse kernel at batch 128 (H200; docs/PERF.md section 2).
 """
 from __future__ import annotations
 
