@@ -143,7 +143,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         raise ValueError(f"q must be [B, Hq, {kv_lora_rank + rope_dim}] with contiguous last dim")
     sm90 = sm90_kernel(q, cache, kv_lora_rank, rope_dim, fp8) if config is None else None
     cfg = config or default_tile(n_heads, fp8, fp32=not fp8 and cache.dtype == torch.float32)
-    block_h, block_n = (sm90.BLOCK_H.value, sm90.BLOCK_N.value) if sm90 else (cfg.block_h, cfg.block_n)
+    block_h, block_n = (sm90.block_h(n_heads), sm90.BLOCK_N.value) if sm90 else (cfg.block_h, cfg.block_n)
     head_blocks = triton.cdiv(n_heads, block_h)
     if num_splits is None:
         bound = max_len if max_len is not None else block_table.shape[1] * page_size

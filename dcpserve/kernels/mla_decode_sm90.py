@@ -191,11 +191,11 @@ def _store_dequant(buf, raw, sc):
 
 
 @gluon.jit
-def _stage_q(buf, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, COL0: gl.constexpr, WIDTH: gl.constexpr,
-             L: gl.constexpr):
-    """Columns [COL0, COL0 + WIDTH) of this program's BLOCK_H query heads into `buf` as bf16 (rows past
-    n_heads are zeros)."""
-    heads = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, L))
+def _stage_q(buf, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, NH: gl.constexpr, COL0: gl.constexpr,
+             WIDTH: gl.constexpr, L: gl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of this program's NH query heads into `buf` as bf16 (rows past n_heads are
+    zeros)."""
+    heads = pid_h * NH + gl.arange(0, NH, layout=gl.SliceLayout(1, L))
     rows = q_ptr + pid_b * stride_qb + heads.to(gl.int64)[:, None] * stride_qh
     cols = COL0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, L))
     buf.store(gl.load(rows + cols[None, :], mask=heads[:, None] < n_heads, other=0.0).to(gl.bfloat16))
@@ -245,8 +245,8 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
         _store_dequant(k_lat_s.index(0), raw, sc)
 
     # Q: once per program, through registers (bf16 for the MMA).
-    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, 0, KV_LORA, LAT_L)
-    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, KV_LORA, ROPE, PE_L)
+    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BLOCK_H, 0, KV_LORA, LAT_L)
+    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BLOCK_H, KV_LORA, ROPE, PE_L)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_L))
     l_i = gl.full([BLOCK_H], 0.0, gl.float32, layout=gl.SliceLayout(1, S_L))
@@ -310,17 +310,137 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
     gl.store(l_base + l_heads, lse, mask=l_heads < n_heads)
 
 
+@gluon.jit
+def _mla_decode_sm90_swap_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr,
+                                 stride_qb, stride_qh, row_stride, stride_bt,
+                                 stride_os, stride_ob, stride_oh, stride_ls, stride_lb,
+                                 n_heads, num_splits, sm_scale_log2,
+                                 PAGE: gl.constexpr, FP8: gl.constexpr, BH: gl.constexpr):
+    """The same decode with the MMA operands swapped, for <= 32 heads: S^T = K Q^T [keys, BH] and
+    O^T = V^T P^T [512, BH], so the heads are the MMAs' N (any multiple of 8) instead of a 64-row M padded with
+    zero queries. Each warpgroup owns BH / 2 heads: their scores over all 64 keys of a tile, their softmax (a
+    reduction over keys, across its 4 warps) and their O^T over all 512 value rows (the K stage read
+    transposed). The warpgroups share the K stages and meet at the same barriers as in the kernel above."""
+    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BH // 2, 16])
+    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BH // 2, 16])
+    LAT_L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
+    PE_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    DQ_L: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, NSC, 32 // NSC], [8, 1, 1], [2, 1, 0])
+    lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KV_LORA], gl.bfloat16)
+    pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE], gl.bfloat16)
+    q_lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, KV_LORA], gl.bfloat16)
+    q_pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, ROPE], gl.bfloat16)
+    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BH], gl.bfloat16)
+
+    pid_h = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    pid_b = gl.program_id(2).to(gl.int64)
+    seq_len = gl.load(lens_ptr + pid_b)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = gl.minimum(start + chunk, seq_len)
+    n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+
+    q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BH, KV_LORA], q_lat_sl)
+    q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BH, ROPE], q_pe_sl)
+    k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, KV_LORA], lat_sl)
+    k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, ROPE], pe_sl)
+    p_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BH], p_sl)
+
+    bt_row = bt_ptr + pid_b * stride_bt
+    page = _tile_page(bt_row, start, end, PAGE)
+    next_page = _tile_page(bt_row, start + BLOCK_N, end, PAGE)
+    # An empty split (end <= start) still runs one tile, all keys masked: a loop that may run zero times makes
+    # ptxas serialize every wgmma of the kernel (C7515, the zero-initialized accumulator reaching the final
+    # wait). Its gather zero-fills the stage, so P = 0 meets finite values, and m starts finite so that
+    # alpha = 1, p = 0 there; l stays 0, which gives out = 0, lse = -inf.
+    _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, page, start, end, row_stride, PAGE, LAT_L,
+                PE_L, FP8)
+    async_copy.commit_group()
+    if FP8:
+        raw, sc = _load_fp8(cache_ptr, bt_row, page, start, end, row_stride, PAGE, DQ_L)
+        _store_dequant(k_lat_s.index(0), raw, sc)
+    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BH, 0, KV_LORA, LAT_L)
+    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BH, KV_LORA, ROPE, PE_L)
+
+    m_i = gl.full([BH], -1.0e30, gl.float32, layout=gl.SliceLayout(0, S_L))
+    # Row sums stay per thread until the end (rescaled with the accumulator): no cross-warp sum per tile.
+    l_part = gl.zeros([BLOCK_N, BH], gl.float32, layout=S_L)
+    acc = warpgroup_mma_init(gl.zeros([KV_LORA, BH], gl.float32, layout=O_L))
+    s_init = gl.zeros([BLOCK_N, BH], gl.float32, layout=S_L)
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_L))
+
+    for t in range(gl.maximum(n_tiles, 1)):
+        stage = t % 2
+        n0 = start + t * BLOCK_N
+        page_after = _tile_page(bt_row, n0 + 2 * BLOCK_N, end, PAGE)
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+        k_lat = k_lat_s.index(stage)
+        s = warpgroup_mma(k_lat, q_lat_s.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma(k_pe_s.index(stage), q_pe_s.permute((1, 0)), s, is_async=True)
+        if FP8:
+            raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE, DQ_L)
+        s, acc = warpgroup_mma_wait(0, deps=(s, acc))
+        gl.thread_barrier()
+        if t + 1 < n_tiles:
+            _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, next_page,
+                        n0 + BLOCK_N, end, row_stride, PAGE, LAT_L, PE_L, FP8)
+        async_copy.commit_group()
+
+        s = gl.where((n0 + keys < end)[:, None], s * sm_scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_part = l_part * alpha[None, :] + p
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, O_L))[None, :]
+        p_s.store(p.to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(k_lat.permute((1, 0)), p_s, acc, is_async=True)
+        if FP8:
+            _store_dequant(k_lat_s.index(1 - stage), raw, sc)
+        next_page = page_after
+
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    l_i = gl.sum(l_part, axis=0)
+    has = l_i > 0.0
+    l_safe = gl.where(has, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(0, O_L))[None, :]
+    lse = gl.where(has, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
+
+    o_heads = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(0, O_L))
+    o_cols = gl.arange(0, KV_LORA, layout=gl.SliceLayout(1, O_L))
+    o_base = out_ptr + pid_s.to(gl.int64) * stride_os + pid_b * stride_ob
+    gl.store(o_base + o_heads.to(gl.int64)[None, :] * stride_oh + o_cols[:, None], out,
+             mask=o_heads[None, :] < n_heads)
+    l_heads = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(0, S_L))
+    l_base = lse_ptr + pid_s.to(gl.int64) * stride_ls + pid_b * stride_lb
+    gl.store(l_base + l_heads, lse, mask=l_heads < n_heads)
+
+
+def block_h(n_heads: int) -> int:
+    """Heads per program: 64 (the kernel above), or 16 / 32 for the swapped kernel (<= 32 heads)."""
+    return 16 if n_heads <= 16 else (32 if n_heads <= 32 else BLOCK_H.value)
+
+
 def launch(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
            part_o: torch.Tensor, part_l: torch.Tensor, page_size: int, scale: float, num_splits: int) -> None:
     """Write split partials part_o [splits, B, Hq, 512] / part_l [splits, B, Hq] (see mla_decode)."""
     b, n_heads, _ = q.shape
-    grid = (triton.cdiv(n_heads, BLOCK_H.value), num_splits, b)
-    _mla_decode_sm90_kernel[grid](
-        q, cache, block_table, lens, part_o, part_l,
-        q.stride(0), q.stride(1), cache.stride(0), block_table.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
-        n_heads, num_splits, scale * LOG2E,
-        PAGE=page_size, FP8=cache.dtype == torch.uint8, num_warps=NUM_WARPS.value)
+    bh = block_h(n_heads)
+    args = (q, cache, block_table, lens, part_o, part_l,
+            q.stride(0), q.stride(1), cache.stride(0), block_table.stride(0),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
+            n_heads, num_splits, scale * LOG2E)
+    grid = (triton.cdiv(n_heads, bh), num_splits, b)
+    fp8 = cache.dtype == torch.uint8
+    if bh == BLOCK_H.value:
+        _mla_decode_sm90_kernel[grid](*args, PAGE=page_size, FP8=fp8, num_warps=NUM_WARPS.value)
+    else:
+        _mla_decode_sm90_swap_kernel[grid](*args, PAGE=page_size, FP8=fp8, BH=bh, num_warps=NUM_WARPS.value)
 
 
 # What the launcher's JIT specialization proves at real shapes (pointers and these strides divisible by 16).
@@ -332,17 +452,19 @@ _AOT_DIV16 = ("q_ptr", "cache_ptr", "bt_ptr", "lens_ptr", "out_ptr", "lse_ptr", 
               "row_stride", "stride_os", "stride_ob", "stride_oh")
 
 
-def compile_sm90a(page: int = 64, fp8: bool = False) -> dict:
+def compile_sm90a(page: int = 64, fp8: bool = False, heads: int = 128) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton ships ptxas and cuobjdump): shared memory bytes,
     ptxas' resource report and the SASS. Lets CI and a GPU-less machine check what the GPU will run.
     Must run without TRITON_INTERPRET (the interpreter replaces the language functions)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _mla_decode_sm90_kernel
+    bh = block_h(heads)
+    fn = _mla_decode_sm90_kernel if bh == BLOCK_H.value else _mla_decode_sm90_swap_kernel
+    consts = {"PAGE": page, "FP8": fp8} if bh == BLOCK_H.value else {"PAGE": page, "FP8": fp8, "BH": bh}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _AOT_DIV16}
-    sig = {**_AOT_SIGNATURE, "cache_ptr": "*u8" if fp8 else "*bf16"}
-    k = triton.compile(GluonASTSource(fn, sig, {"PAGE": page, "FP8": fp8}, attrs),
+    sig = {**_AOT_SIGNATURE, "cache_ptr": "*u8" if fp8 else "*bf16", **{k: "constexpr" for k in consts}}
+    k = triton.compile(GluonASTSource(fn, sig, consts, attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS.value})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:

@@ -25,17 +25,25 @@ SMEM_LIMIT = 232448  # bytes a block may use on H100/H200
                                                     "ptxas")), reason="this Triton ships no ptxas")
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("page", [64, 16, 1])  # a tile inside one page / over 4 pages / sparse decode's row lists
-def test_compiles_for_sm90a(fp8, page):
+@pytest.mark.parametrize("heads", [128, 32, 16])  # the 64-head kernel, the swapped one at 32 / 16 heads
+def test_compiles_for_sm90a(fp8, page, heads):
     # A fresh interpreter without TRITON_INTERPRET (conftest sets it for the CPU session).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from dcpserve.kernels.mla_decode_sm90 import compile_sm90a; "
-            f"print(json.dumps(compile_sm90a(page={page}, fp8={fp8})))")
+            f"print(json.dumps(compile_sm90a(page={page}, fp8={fp8}, heads={heads})))")
     r = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                   check=True, timeout=300).stdout)
     assert r["shared"] <= SMEM_LIMIT
     assert "0 bytes spill stores" in r["ptxas"] and "0 bytes stack frame" in r["ptxas"], r["ptxas"]
-    # 64x32 score MMAs (each warpgroup its 32 of the 64 keys) and 64x256 P V MMAs (its 256 value columns).
-    assert "HGMMA.64x32x16.F32.BF16" in r["sass"] and "HGMMA.64x256x16.F32.BF16" in r["sass"]
+    # ptxas serializes every wgmma of a kernel when it finds this (see the swapped kernel's empty split).
+    assert "C7515" not in r["ptxas"], r["ptxas"]
+    if heads > 32:
+        # 64x32 score MMAs (each warpgroup its 32 of the 64 keys), 64x256 P V MMAs (its 256 value columns).
+        assert "HGMMA.64x32x16.F32.BF16" in r["sass"] and "HGMMA.64x256x16.F32.BF16" in r["sass"]
+    else:
+        # Swapped: every MMA has N = the warpgroup's heads (K^T's 64 keys or V^T's 512 rows are the M).
+        assert {w for w in r["sass"].split() if w.startswith("HGMMA")} == {f"HGMMA.64x{heads // 2}x16.F32.BF16"}
+        assert ".tnspA" in r["sass"]  # V^T read from the K stage as stored
     assert "LDGSTS.E.BYPASS.128" in r["sass"]  # 16-byte cp.async gathers
     if fp8:  # latent bytes: 16-byte loads into registers, hardware e4m3 unpacking
         assert "LDG.E.128" in r["sass"] and "F2FP.F16.E4M3.UNPACK_B" in r["sass"]
@@ -59,7 +67,8 @@ def make_cache(rows: int, fp8: bool) -> torch.Tensor:
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("page", [64, 16, 1])
-@pytest.mark.parametrize("heads", [128, 96, 64, 32, 16, 1])  # < 64: zero query rows pad the MMA tile
+# 33-63: zero query rows pad the 64-row tile; <= 32: the swapped kernel (heads are the MMA's N, 16 or 32)
+@pytest.mark.parametrize("heads", [128, 96, 64, 40, 32, 20, 16, 8, 1])
 @pytest.mark.parametrize("num_splits", [1, 5, None])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_matches_ref(page, heads, num_splits, fp8):
