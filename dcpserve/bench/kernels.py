@@ -23,7 +23,8 @@ batch >= 32, ctx >= 32K with the Hopper Gluon kernel (the portable Triton kernel
 fp8 17% (portable); sparse k = 2048 180 TFLOP/s bf16 / 168 fp8 with the portable kernel, 345 / 279 on H200
 since sparse decode runs the Hopper kernel too. Why dense still misses 75%: see the
 mla_decode_sm90 docstring (the tensor cores idle during the softmax). With fewer heads dense decode is bound
-by memory: on H200 16 and 32 heads reach 70-79% of copy bandwidth at batch >= 32, ctx >= 32K (`--heads`).
+by memory: on H200 the swapped-operand kernel reaches 82-88% of copy bandwidth at 32 heads and 89-96% at 16
+(bf16 cache, batch >= 32, ctx >= 32K; `--heads`).
 """
 from __future__ import annotations
 

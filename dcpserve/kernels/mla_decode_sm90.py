@@ -2,7 +2,8 @@
 
 Same contract as `mla_decode.mla_decode` (absorbed query, paged latent pool, split-KV, natural-log LSE),
 restricted to what the tensor-core path needs: a bf16 or fp8 ("656 B") cache, kv_lora 512 and rope 64 (the
-DeepSeek MLA dims); any head count (fewer than 64 pad the tile with zero queries). `supported()` says when it
+DeepSeek MLA dims); any head count (33-63 pad the 64-row tile with zero queries; <= 32 take the swapped
+kernel below). `supported()` says when it
 applies; `mla_decode` falls back to the portable Triton kernel otherwise, and `mla_decode_ref` (torch) is the
 reference for both.
 
@@ -40,12 +41,14 @@ partition + two consumer warpgroups owning alternate tiles) was built, correct, 
 with two stages the gathers start late, and avoiding C7514 chains the score MMAs behind the softmax
 (docs/PERF.md section 2).
 
-Below 64 heads the kernel is bound by memory: 16 and 32 heads (a plain TP8 / TP4 rank of DeepSeek) reach
-75-79% of copy bandwidth on H200 at batch >= 32 and context >= 32K, against 35-45% for the portable kernel.
-A deeper pipeline for those shapes was tried and dropped (2026-11-28, H200): 32-key tiles with 3 or 4 stages
-(184 / 221 KB of shared memory, no spills) reached only 54-58% at every head count, since each key then pays
-twice the per-tile barriers and softmax reductions; the 64-key, 2-stage tile is faster everywhere at batch
->= 32.
+Up to 32 heads (a plain TP4 / TP8 rank of DeepSeek) `_mla_decode_sm90_swap_kernel` runs instead: the same
+tiles and pipeline with the MMA operands swapped (S^T = K Q^T, O^T = V^T P^T), so the heads are the MMAs' N
+(16 or 32 per program) and no zero query rows are multiplied. In the 64-row tile, 16 / 32 heads did 4x / 2x
+the useful MMA work and sat at 76-81% of copy bandwidth on H200 (batch >= 32, context >= 32K); swapped,
+bf16 reaches 82-88% at 32 heads and 89-96% at 16 (docs/PERF.md section 2). A deeper pipeline for these
+shapes was tried and dropped earlier (2026-11-28, H200, 64-row tile): 32-key tiles with 3 or 4 stages (184 /
+221 KB of shared memory, no spills) reached only 54-58% at every head count, since each key then pays twice
+the per-tile barriers and softmax reductions.
 
 fp8 cache (FP8=True). The MMAs stay bf16, as in FlashMLA's fp8 path; only the latent bytes change route.
 Shared memory has no room for a staged fp8 copy next to the two bf16 K stages (224 KB are taken), so the
@@ -54,10 +57,15 @@ and softmax run, and dequantized into the free bf16 stage while this tile's P V 
 The rope columns (bf16 in the row) still go by cp.async. The values are rounded exactly as in the portable
 kernel (e4m3 * fp32 scale, then bf16), so both kernels compute the same sums. Measured (H200, batch >= 32,
 ctx >= 32K): 31-33% of copy bandwidth at 16-64 heads, 16-17% (291-298 TFLOP/s) at 128; 1.3-1.9x the portable
-kernel, but 1.3x the bf16 cache's time per token (the register loads cover about half a tile of latency;
-issuing them a tile earlier spills 964 bytes per thread). Loading each tile's page id a tile ahead
-(`_tile_page`) took fp8 at page 64 to 35.5-36.1% / 18.1-18.3% (+10%) and at page 16 from 30-32% to 32-34%;
-bf16 unchanged within noise.
+kernel, but 1.3x the bf16 cache's time per token. Loading each tile's page id a tile ahead (`_tile_page`)
+took fp8 at page 64 to 35.5-36.1% / 18.1-18.3% (+10%) and at page 16 from 30-32% to 32-34%; bf16 unchanged.
+Where the fp8 time goes (swapped kernel, 32 heads, batch 128, ctx 32K, H200; variants that leave a stage
+out): 3.55 us per 64-key tile per SM; 3.10 with every latent load masked off; 2.26 without loads and
+dequantization; 4.55 dequantizing twice. So the dequantization (~400 instructions per thread per tile and
+64 KB of shared-memory stores) costs ~1 us of each tile's critical path and the loads ~0.45; the bf16 cache
+takes 2.65. Loading the fp8 tile two tiles ahead instead of one measured the same (it needs the bytes as
+32-bit words: a byte tensor carried across loop iterations takes a register per byte and spills, which is
+also why the 64-head kernel spilled when its loads were issued a tile earlier).
 
 Sparse decode (DSA) runs this kernel too: `mla_sparse_decode` calls `mla_decode` with each query's compacted
 row list as its block table, page size 1 and its count as its length, so a tile's 64 keys are 64 arbitrary
@@ -99,10 +107,8 @@ def _is_sm90(index: int) -> bool:  # cached: mla_decode asks on every decode ste
 
 
 def supported(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, rope_dim: int, fp8: bool) -> bool:
-    """True where this kernel runs: a Hopper GPU and a bf16 or fp8 latent cache of the DeepSeek dims, any head count.
-    Below 64 heads the 64-row MMA tile carries zero query rows (wasted tensor-core work), but there the kernel
-    waits on memory, not on the tensor cores: at 16 and 32 heads it reads 1.7-2.2x faster than the portable
-    kernel (H200, docs/PERF.md section 2)."""
+    """True where these kernels run: a Hopper GPU and a bf16 or fp8 latent cache of the DeepSeek dims, any head
+    count (`block_h` picks the 64-head kernel or the swapped one)."""
     want = torch.uint8 if fp8 else torch.bfloat16
     if not q.is_cuda or cache.dtype != want or (kv_lora_rank, rope_dim) != (KV_LORA.value, ROPE.value):
         return False
