@@ -105,6 +105,8 @@ LN2 = gl.constexpr(0.6931471805599453)
 # bank twice; the 64-head kernel measured 4-5% faster with fp8 at 64 and 128 heads (H200), the swapped one
 # the same.
 FP8_TILE_L = gl.constexpr(gl.BlockedLayout([1, 1, 16], [2, 4, 4], [8, 1, 1], [2, 0, 1]))
+LAT_L = gl.constexpr(gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0]))  # gathers: 16-byte pieces, a warp per row
+PE_L = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,7 +171,7 @@ def _gather_cols(buf, cache_ptr, bt_row, page, n0, end, row_stride, COL0: gl.con
 
 @gluon.jit
 def _issue_tile(lat_buf, pe_buf, cache_ptr, bt_row, page, n0, end, row_stride,
-                PAGE: gl.constexpr, LAT_L: gl.constexpr, PE_L: gl.constexpr, FP8: gl.constexpr):
+                PAGE: gl.constexpr, FP8: gl.constexpr):
     """Start the copy of keys [n0, n0 + BLOCK_N) into one stage: latent and rope parts (bf16 cache), or only
     the rope part (fp8 cache: its latent goes through registers, see `_load_fp8` / `_store_dequant`)."""
     if FP8:
@@ -180,14 +182,14 @@ def _issue_tile(lat_buf, pe_buf, cache_ptr, bt_row, page, n0, end, row_stride,
 
 
 @gluon.jit
-def _load_fp8(cache_ptr, bt_row, page, n0, end, row_stride, PAGE: gl.constexpr, DQ_L: gl.constexpr):
+def _load_fp8(cache_ptr, bt_row, page, n0, end, row_stride, PAGE: gl.constexpr):
     """Start the global loads of an fp8 tile: e4m3 latent bytes [BLOCK_N, NSC, QBLK] and their fp32 scales
-    [BLOCK_N, NSC] (layout DQ_L / its slice). They land in registers while the caller's MMAs and softmax run.
+    [BLOCK_N, NSC] (layout FP8_TILE_L / its slice). They land in registers while the caller's MMAs and softmax run.
     Non-keys read as 0."""
-    SC_L: gl.constexpr = gl.SliceLayout(2, DQ_L)
+    SC_L: gl.constexpr = gl.SliceLayout(2, FP8_TILE_L)
     base, valid = _row_ptrs(cache_ptr, bt_row, page, n0, end, row_stride, PAGE, SC_L)
     blk = gl.arange(0, NSC, layout=gl.SliceLayout(0, SC_L))
-    col = gl.arange(0, QBLK, layout=gl.SliceLayout(0, gl.SliceLayout(1, DQ_L)))
+    col = gl.arange(0, QBLK, layout=gl.SliceLayout(0, gl.SliceLayout(1, FP8_TILE_L)))
     ptrs = gl.expand_dims(base[:, None] + blk[None, :] * QBLK, 2) + col[None, None, :]
     raw = gl.load(ptrs, mask=gl.expand_dims(valid[:, None], 2), other=0)
     sp = (base + KV_LORA).to(gl.pointer_type(gl.float32))
@@ -214,6 +216,63 @@ def _stage_q(buf, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, NH: gl.con
 
 
 @gluon.jit
+def _split_range(lens_ptr, pid_s, pid_b, num_splits):
+    """Keys [start, end) of this program's split of sequence pid_b (whole BLOCK_N tiles but the last), and how
+    many tiles that is."""
+    seq_len = gl.load(lens_ptr + pid_b)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = gl.minimum(start + chunk, seq_len)
+    return start, end, gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+
+
+@gluon.jit
+def _allocate(NH: gl.constexpr, P_ROWS: gl.constexpr, P_COLS: gl.constexpr):
+    """A program's shared memory, bf16 in wgmma operand layouts: its NH query heads (latent and rope parts), two
+    K stages of BLOCK_N keys, and the P buffer [P_ROWS, P_COLS]."""
+    lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KV_LORA], gl.bfloat16)
+    pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE], gl.bfloat16)
+    q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [NH, KV_LORA],
+                                        gl.NVMMASharedLayout.get_default_for([NH, KV_LORA], gl.bfloat16))
+    q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [NH, ROPE],
+                                       gl.NVMMASharedLayout.get_default_for([NH, ROPE], gl.bfloat16))
+    k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, KV_LORA], lat_sl)
+    k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, ROPE], pe_sl)
+    p_s = gl.allocate_shared_memory(gl.bfloat16, [P_ROWS, P_COLS],
+                                    gl.NVMMASharedLayout.get_default_for([P_ROWS, P_COLS], gl.bfloat16))
+    return q_lat_s, q_pe_s, k_lat_s, k_pe_s, p_s
+
+
+@gluon.jit
+def _start(q_lat_s, q_pe_s, k_lat_s, k_pe_s, q_ptr, cache_ptr, bt_row, pid_h, pid_b, stride_qb, stride_qh, n_heads,
+           row_stride, start, end, n_tiles, NH: gl.constexpr, PAGE: gl.constexpr, FP8: gl.constexpr,
+           EMPTY_TILE: gl.constexpr):
+    """Before the tile loop: start the first tile's copy into stage 0 (fp8: load and dequantize it), stage this
+    program's NH query heads, and return the second tile's block-table entries. EMPTY_TILE: copy (zero-fill)
+    stage 0 even when the split is empty, for a kernel whose loop then runs one masked tile."""
+    page = _tile_page(bt_row, start, end, PAGE)
+    next_page = _tile_page(bt_row, start + BLOCK_N, end, PAGE)
+    if EMPTY_TILE or n_tiles > 0:
+        _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, page, start, end, row_stride, PAGE, FP8)
+    async_copy.commit_group()
+    if FP8:
+        raw, sc = _load_fp8(cache_ptr, bt_row, page, start, end, row_stride, PAGE)
+        _store_dequant(k_lat_s.index(0), raw, sc)
+    # Q: once per program, through registers (bf16 for the MMA).
+    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, NH, 0, KV_LORA, LAT_L)
+    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, NH, KV_LORA, ROPE, PE_L)
+    return next_page
+
+
+@gluon.jit
+def _store_lse(lse_ptr, lse, pid_h, pid_s, pid_b, stride_ls, stride_lb, n_heads, NH: gl.constexpr):
+    """lse [NH] (any 1-D layout) of this program's heads into split pid_s's partial LSE."""
+    heads = pid_h * NH + gl.arange(0, NH, layout=lse.type.layout)
+    base = lse_ptr + pid_s.to(gl.int64) * stride_ls + pid_b * stride_lb
+    gl.store(base + heads, lse, mask=heads < n_heads)
+
+
+@gluon.jit
 def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr,
                             stride_qb, stride_qh, row_stride, stride_bt,
                             stride_os, stride_ob, stride_oh, stride_ls, stride_lb,
@@ -222,42 +281,17 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
     # Layouts. S and O: wgmma accumulators, 4 warps along the 64 heads x 2 warpgroups along the columns.
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, KV_LORA // 2, 16])
-    LAT_L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])  # 16-byte pieces, a warp per row
-    PE_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    DQ_L: gl.constexpr = FP8_TILE_L
-    lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KV_LORA], gl.bfloat16)
-    pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE], gl.bfloat16)
-    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
 
     pid_h = gl.program_id(0)
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
-    seq_len = gl.load(lens_ptr + pid_b)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
-    n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+    start, end, n_tiles = _split_range(lens_ptr, pid_s, pid_b, num_splits)
 
-    q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, KV_LORA], lat_sl)
-    q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, ROPE], pe_sl)
-    k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, KV_LORA], lat_sl)
-    k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, ROPE], pe_sl)
-    p_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_N], p_sl)
+    q_lat_s, q_pe_s, k_lat_s, k_pe_s, p_s = _allocate(BLOCK_H, BLOCK_H, BLOCK_N)  # P [heads, keys]
 
     bt_row = bt_ptr + pid_b * stride_bt
-    page = _tile_page(bt_row, start, end, PAGE)
-    next_page = _tile_page(bt_row, start + BLOCK_N, end, PAGE)
-    if n_tiles > 0:
-        _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, page, start, end, row_stride, PAGE, LAT_L,
-                    PE_L, FP8)
-    async_copy.commit_group()
-    if FP8:
-        raw, sc = _load_fp8(cache_ptr, bt_row, page, start, end, row_stride, PAGE, DQ_L)
-        _store_dequant(k_lat_s.index(0), raw, sc)
-
-    # Q: once per program, through registers (bf16 for the MMA).
-    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BLOCK_H, 0, KV_LORA, LAT_L)
-    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BLOCK_H, KV_LORA, ROPE, PE_L)
+    next_page = _start(q_lat_s, q_pe_s, k_lat_s, k_pe_s, q_ptr, cache_ptr, bt_row, pid_h, pid_b, stride_qb, stride_qh,
+                       n_heads, row_stride, start, end, n_tiles, BLOCK_H, PAGE, FP8, False)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_L))
     l_i = gl.full([BLOCK_H], 0.0, gl.float32, layout=gl.SliceLayout(1, S_L))
@@ -279,13 +313,13 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
         if FP8:
             # The next tile's latent bytes travel to registers during this tile's MMAs and softmax (past the
             # last tile every key is masked: no memory is read).
-            raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE, DQ_L)
+            raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE)
         s, acc = warpgroup_mma_wait(0, deps=(s, acc))
         # Both warpgroups are past the previous P V: its stage and the P buffer are free again.
         gl.thread_barrier()
         if t + 1 < n_tiles:
             _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, next_page,
-                        n0 + BLOCK_N, end, row_stride, PAGE, LAT_L, PE_L, FP8)
+                        n0 + BLOCK_N, end, row_stride, PAGE, FP8)
         async_copy.commit_group()
 
         s = gl.where((n0 + keys < end)[None, :], s * sm_scale_log2, float("-inf"))
@@ -316,9 +350,7 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
     o_base = out_ptr + pid_s.to(gl.int64) * stride_os + pid_b * stride_ob
     gl.store(o_base + o_heads.to(gl.int64)[:, None] * stride_oh + o_cols[None, :], out,
              mask=o_heads[:, None] < n_heads)
-    l_heads = pid_h * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_L))
-    l_base = lse_ptr + pid_s.to(gl.int64) * stride_ls + pid_b * stride_lb
-    gl.store(l_base + l_heads, lse, mask=l_heads < n_heads)
+    _store_lse(lse_ptr, lse, pid_h, pid_s, pid_b, stride_ls, stride_lb, n_heads, BLOCK_H)
 
 
 @gluon.jit
@@ -334,45 +366,21 @@ def _mla_decode_sm90_swap_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, ls
     transposed). The warpgroups share the K stages and meet at the same barriers as in the kernel above."""
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BH // 2, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BH // 2, 16])
-    LAT_L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
-    PE_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    DQ_L: gl.constexpr = FP8_TILE_L
-    lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KV_LORA], gl.bfloat16)
-    pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE], gl.bfloat16)
-    q_lat_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, KV_LORA], gl.bfloat16)
-    q_pe_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, ROPE], gl.bfloat16)
-    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BH], gl.bfloat16)
 
     pid_h = gl.program_id(0)
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
-    seq_len = gl.load(lens_ptr + pid_b)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
-    n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+    start, end, n_tiles = _split_range(lens_ptr, pid_s, pid_b, num_splits)
 
-    q_lat_s = gl.allocate_shared_memory(gl.bfloat16, [BH, KV_LORA], q_lat_sl)
-    q_pe_s = gl.allocate_shared_memory(gl.bfloat16, [BH, ROPE], q_pe_sl)
-    k_lat_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, KV_LORA], lat_sl)
-    k_pe_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, ROPE], pe_sl)
-    p_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BH], p_sl)
+    q_lat_s, q_pe_s, k_lat_s, k_pe_s, p_s = _allocate(BH, BLOCK_N, BH)  # P^T [keys, heads]
 
     bt_row = bt_ptr + pid_b * stride_bt
-    page = _tile_page(bt_row, start, end, PAGE)
-    next_page = _tile_page(bt_row, start + BLOCK_N, end, PAGE)
     # An empty split (end <= start) still runs one tile, all keys masked: a loop that may run zero times makes
     # ptxas serialize every wgmma of the kernel (C7515, the zero-initialized accumulator reaching the final
     # wait). Its gather zero-fills the stage, so P = 0 meets finite values, and m starts finite so that
     # alpha = 1, p = 0 there; l stays 0, which gives out = 0, lse = -inf.
-    _issue_tile(k_lat_s.index(0), k_pe_s.index(0), cache_ptr, bt_row, page, start, end, row_stride, PAGE, LAT_L,
-                PE_L, FP8)
-    async_copy.commit_group()
-    if FP8:
-        raw, sc = _load_fp8(cache_ptr, bt_row, page, start, end, row_stride, PAGE, DQ_L)
-        _store_dequant(k_lat_s.index(0), raw, sc)
-    _stage_q(q_lat_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BH, 0, KV_LORA, LAT_L)
-    _stage_q(q_pe_s, q_ptr, pid_h, pid_b, stride_qb, stride_qh, n_heads, BH, KV_LORA, ROPE, PE_L)
+    next_page = _start(q_lat_s, q_pe_s, k_lat_s, k_pe_s, q_ptr, cache_ptr, bt_row, pid_h, pid_b, stride_qb, stride_qh,
+                       n_heads, row_stride, start, end, n_tiles, BH, PAGE, FP8, True)
 
     m_i = gl.full([BH], -1.0e30, gl.float32, layout=gl.SliceLayout(0, S_L))
     # Row sums stay per thread until the end (rescaled with the accumulator): no cross-warp sum per tile.
@@ -392,12 +400,12 @@ def _mla_decode_sm90_swap_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, ls
         s = warpgroup_mma(k_lat, q_lat_s.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma(k_pe_s.index(stage), q_pe_s.permute((1, 0)), s, is_async=True)
         if FP8:
-            raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE, DQ_L)
+            raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE)
         s, acc = warpgroup_mma_wait(0, deps=(s, acc))
         gl.thread_barrier()
         if t + 1 < n_tiles:
             _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, next_page,
-                        n0 + BLOCK_N, end, row_stride, PAGE, LAT_L, PE_L, FP8)
+                        n0 + BLOCK_N, end, row_stride, PAGE, FP8)
         async_copy.commit_group()
 
         s = gl.where((n0 + keys < end)[:, None], s * sm_scale_log2, float("-inf"))
@@ -427,9 +435,7 @@ def _mla_decode_sm90_swap_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, ls
     o_base = out_ptr + pid_s.to(gl.int64) * stride_os + pid_b * stride_ob
     gl.store(o_base + o_heads.to(gl.int64)[None, :] * stride_oh + o_cols[:, None], out,
              mask=o_heads[None, :] < n_heads)
-    l_heads = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(0, S_L))
-    l_base = lse_ptr + pid_s.to(gl.int64) * stride_ls + pid_b * stride_lb
-    gl.store(l_base + l_heads, lse, mask=l_heads < n_heads)
+    _store_lse(lse_ptr, lse, pid_h, pid_s, pid_b, stride_ls, stride_lb, n_heads, BH)
 
 
 def block_h(n_heads: int) -> int:
