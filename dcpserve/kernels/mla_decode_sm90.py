@@ -65,7 +65,7 @@ dequantization; 4.55 dequantizing twice. So the dequantization (~400 instruction
 64 KB of shared-memory stores) costs ~1 us of each tile's critical path and the loads ~0.45; the bf16 cache
 takes 2.65. Loading the fp8 tile two tiles ahead instead of one measured the same (it needs the bytes as
 32-bit words: a byte tensor carried across loop iterations takes a register per byte and spills, which is
-also why the 64-head kernel spilled when its loads were issued a tile earlier).
+likely also why the 64-head kernel spilled when its loads were issued a tile earlier).
 
 Sparse decode (DSA) runs this kernel too: `mla_sparse_decode` calls `mla_decode` with each query's compacted
 row list as its block table, page size 1 and its count as its length, so a tile's 64 keys are 64 arbitrary
@@ -470,9 +470,9 @@ _AOT_DIV16 = ("q_ptr", "cache_ptr", "bt_ptr", "lens_ptr", "out_ptr", "lse_ptr", 
 
 
 def compile_sm90a(page: int = 64, fp8: bool = False, heads: int = 128) -> dict:
-    """Compile the kernel for sm_90a without a GPU (Triton ships ptxas and cuobjdump): shared memory bytes,
-    ptxas' resource report and the SASS. Lets CI and a GPU-less machine check what the GPU will run.
-    Must run without TRITON_INTERPRET (the interpreter replaces the language functions)."""
+    """Compile the kernel that `launch` runs for `heads` heads, for sm_90a and without a GPU (Triton ships ptxas and
+    cuobjdump): shared memory bytes, ptxas' resource report and the SASS. Lets CI and a GPU-less machine check
+    what the GPU will run. Must run without TRITON_INTERPRET (the interpreter replaces the language functions)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 

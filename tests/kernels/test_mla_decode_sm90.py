@@ -41,7 +41,7 @@ def test_compiles_for_sm90a(fp8, page, heads):
         # 64x32 score MMAs (each warpgroup its 32 of the 64 keys), 64x256 P V MMAs (its 256 value columns).
         assert "HGMMA.64x32x16.F32.BF16" in r["sass"] and "HGMMA.64x256x16.F32.BF16" in r["sass"]
     else:
-        # Swapped: every MMA has N = the warpgroup's heads (K^T's 64 keys or V^T's 512 rows are the M).
+        # Swapped: every MMA has N = the warpgroup's heads (K's 64 keys or V^T's 512 rows are the M).
         assert {w for w in r["sass"].split() if w.startswith("HGMMA")} == {f"HGMMA.64x{heads // 2}x16.F32.BF16"}
         assert ".tnspA" in r["sass"]  # V^T read from the K stage as stored
     assert "LDGSTS.E.BYPASS.128" in r["sass"]  # 16-byte cp.async gathers
