@@ -162,9 +162,10 @@ def dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dt
 def default_config(m: int, n: int, k: int, block_k: int, device: torch.device, itemsize: int) -> Fp8GemmConfig:
     """M = 1: the GEMV kernel (block_m 1), 256 contiguous bytes per weight row per step (128-byte steps left
     DRAM at ~2 TB/s on H200; 256 reached 2.7-3.4 TB/s), 16-32 rows per program. Otherwise the (transposed)
-    MMA kernel with 64 weight rows per program and BLOCK_M 16/32/64 input rows (the best of a sweep on H200,
-    docs/perf/fp8_gemm_swap_h200.json). Either way K is split into scale-block-aligned ranges until there are
-    about two programs per SM."""
+    MMA kernel with 64 weight rows per program and BLOCK_M 16/32/64/128 input rows (the best of sweeps on H200,
+    docs/perf/fp8_gemm_swap_h200.json and, for 128, docs/perf/fp8_gemm_bm128_h200.json: 3-11% faster than two
+    64-row programs at M = 128). Either way K is split into scale-block-aligned ranges until there are about two
+    programs per SM."""
     if interpreting():
         return Fp8GemmConfig(block_m=1 if m == 1 else 16, block_n=16, block_k=block_k if m == 1 else min(32, block_k),
                              num_warps=1, num_stages=1)
@@ -175,7 +176,7 @@ def default_config(m: int, n: int, k: int, block_k: int, device: torch.device, i
         bn = 16 if triton.cdiv(n, 16) >= 4 * sms else 32
         split = max(1, min(k_blocks, triton.cdiv(2 * sms, triton.cdiv(n, bn))))
         return Fp8GemmConfig(block_m=1, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4)
-    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
     bk = min(128 if itemsize <= 2 else 64, block_k)
     tiles = triton.cdiv(n, 64) * triton.cdiv(m, bm)
     split = max(1, min(k_blocks, triton.cdiv(2 * sms, tiles)))

@@ -63,6 +63,17 @@ def test_fp8_linear_split_k(split):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_block_m_128(dtype):
+    """BLOCK_M 128 (what decode batches of 65-128 rows take on a GPU) with 100 rows: one M tile, 28 rows masked."""
+    gen = torch.Generator().manual_seed(128)
+    q, s = _weight(40, 96, (32, 32), gen)
+    x = torch.randn(100, 96, generator=gen).to(dtype).to(DEV)
+    cfg = Fp8GemmConfig(block_m=128, block_n=16, block_k=32, split_k=2, num_warps=4 if GPU else 1,
+                        num_stages=2 if GPU else 1)
+    _assert_close(fp8_linear(x, q, s, (32, 32), cfg), fp8_linear_ref(x, q, s, (32, 32)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split", [1, 2, 4])
 def test_fp8_gemv_several_blocks_per_step(dtype, split):
     """The one-row kernel reads two scale blocks per step (BLOCK_K 64, blocks of 32); K = 300 ends inside a
@@ -115,10 +126,10 @@ def test_quantize_roundtrip_and_aligned_shards():
 
 
 @pytest.mark.skipif(not GPU, reason="real DeepSeek-V3.2 shapes: GPU only")
-@pytest.mark.parametrize("m", [1, 2, 4, 32, 300])
+@pytest.mark.parametrize("m", [1, 2, 4, 32, 100, 300])
 @pytest.mark.parametrize("n,k", [(1536, 7168), (24576, 1536), (7168, 16384), (576, 7168), (128, 7168)])
 def test_fp8_linear_real_shapes(m, n, k):
-    """q_a, q_b, o_proj (TP1), kv_a, indexer wk; m = 300 takes the dequantize + cuBLAS path."""
+    """q_a, q_b, o_proj (TP1), kv_a, indexer wk; m = 100 takes BLOCK_M 128, m = 300 the dequantize + cuBLAS path."""
     gen = torch.Generator().manual_seed(n + k + m)
     q, s = _weight(n, k, (128, 128), gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
