@@ -265,6 +265,28 @@ def _start(q_lat_s, q_pe_s, k_lat_s, k_pe_s, q_ptr, cache_ptr, bt_row, pid_h, pi
 
 
 @gluon.jit
+def _await_tile():
+    """Top of a tile: wait for this thread's copies into the tile's stage, then make every thread's copies
+    visible to the MMAs (cp.async wrote through the generic proxy; the MMAs read through the async proxy)."""
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _refill(k_lat_s, k_pe_s, stage, cache_ptr, bt_row, next_page, n_next, end, row_stride, more, PAGE: gl.constexpr,
+            FP8: gl.constexpr):
+    """After a tile's score MMAs have been waited for: once both warpgroups are here, they are past the previous
+    P V, so the other stage and the P buffer are free again; start the next tile's copy (keys from n_next)
+    into that stage if there is one (`more`)."""
+    gl.thread_barrier()
+    if more:
+        _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, next_page, n_next, end,
+                    row_stride, PAGE, FP8)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _store_lse(lse_ptr, lse, pid_h, pid_s, pid_b, stride_ls, stride_lb, n_heads, NH: gl.constexpr):
     """lse [NH] (any 1-D layout) of this program's heads into split pid_s's partial LSE."""
     heads = pid_h * NH + gl.arange(0, NH, layout=lse.type.layout)
@@ -303,10 +325,7 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
         stage = t % 2
         n0 = start + t * BLOCK_N
         page_after = _tile_page(bt_row, n0 + 2 * BLOCK_N, end, PAGE)  # used next tile
-        async_copy.wait_group(0)
-        # cp.async wrote through the generic proxy; the MMAs read through the async proxy.
-        fence_async_shared()
-        gl.thread_barrier()
+        _await_tile()
         k_lat = k_lat_s.index(stage)
         s = warpgroup_mma(q_lat_s, k_lat.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma(q_pe_s, k_pe_s.index(stage).permute((1, 0)), s, is_async=True)
@@ -315,12 +334,8 @@ def _mla_decode_sm90_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr
             # last tile every key is masked: no memory is read).
             raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE)
         s, acc = warpgroup_mma_wait(0, deps=(s, acc))
-        # Both warpgroups are past the previous P V: its stage and the P buffer are free again.
-        gl.thread_barrier()
-        if t + 1 < n_tiles:
-            _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, next_page,
-                        n0 + BLOCK_N, end, row_stride, PAGE, FP8)
-        async_copy.commit_group()
+        _refill(k_lat_s, k_pe_s, stage, cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, t + 1 < n_tiles,
+                PAGE, FP8)
 
         s = gl.where((n0 + keys < end)[None, :], s * sm_scale_log2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))  # finite: every tile holds at least one key
@@ -393,20 +408,15 @@ def _mla_decode_sm90_swap_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, ls
         stage = t % 2
         n0 = start + t * BLOCK_N
         page_after = _tile_page(bt_row, n0 + 2 * BLOCK_N, end, PAGE)
-        async_copy.wait_group(0)
-        fence_async_shared()
-        gl.thread_barrier()
+        _await_tile()
         k_lat = k_lat_s.index(stage)
         s = warpgroup_mma(k_lat, q_lat_s.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma(k_pe_s.index(stage), q_pe_s.permute((1, 0)), s, is_async=True)
         if FP8:
             raw, sc = _load_fp8(cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, PAGE)
         s, acc = warpgroup_mma_wait(0, deps=(s, acc))
-        gl.thread_barrier()
-        if t + 1 < n_tiles:
-            _issue_tile(k_lat_s.index(1 - stage), k_pe_s.index(1 - stage), cache_ptr, bt_row, next_page,
-                        n0 + BLOCK_N, end, row_stride, PAGE, FP8)
-        async_copy.commit_group()
+        _refill(k_lat_s, k_pe_s, stage, cache_ptr, bt_row, next_page, n0 + BLOCK_N, end, row_stride, t + 1 < n_tiles,
+                PAGE, FP8)
 
         s = gl.where((n0 + keys < end)[:, None], s * sm_scale_log2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=0))
