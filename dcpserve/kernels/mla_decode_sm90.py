@@ -380,7 +380,7 @@ def _mla_decode_sm90_swap_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, ls
     reduction over keys, across its 4 warps) and their O^T over all 512 value rows (the K stage read
     transposed). The warpgroups share the K stages and meet at the same barriers as in the kernel above."""
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BH // 2, 16])
-    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BH // 2, 16])
+    O_L: gl.constexpr = S_L  # both have the heads as N, so per-head values (alpha, l) pass between them for free
 
     pid_h = gl.program_id(0)
     pid_s = gl.program_id(1)
